@@ -1,0 +1,1 @@
+//! chatkit-gate library (skeleton).
