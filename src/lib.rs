@@ -1,1 +1,15 @@
-//! chatkit-gate library (skeleton).
+//! chatkit-gate: a reverse-proxy sidecar that puts TLS, forward authentication, Redis-backed
+//! rate limits and OpenAI ChatKit session minting in front of any web app.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod auth;
+pub mod body;
+pub mod chatkit;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod metrics;
+pub mod ratelimit;
+pub mod routes;
+pub mod store;

@@ -1,0 +1,214 @@
+//! Prometheus metrics, on a registry of our own (tests stay isolated), named per the spec.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds, from sub-millisecond proxying to slow upstreams.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Every metric the gate exports. Cheap to clone (all handles are `Arc`s inside).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
+    pub http_in_flight: IntGauge,
+    pub connections_open: IntGauge,
+    pub upstream_duration: Histogram,
+    pub upstream_errors: IntCounterVec,
+    pub auth_decisions: IntCounterVec,
+    pub auth_introspection_duration: Histogram,
+    pub auth_cache_entries: IntGauge,
+    pub rate_limit_decisions: IntCounterVec,
+    pub redis_errors: IntCounter,
+    pub redis_duration: Histogram,
+    pub rate_limit_store_degraded: IntGauge,
+    pub chatkit_sessions: IntCounterVec,
+    pub chatkit_api_duration: HistogramVec,
+    pub chatkit_cancel_failures: IntCounter,
+    pub tls_handshake_errors: IntCounter,
+    pub tls_cert_expiry: Gauge,
+    pub tls_reloads: IntCounterVec,
+    pub audit_dropped: IntCounter,
+    pub build_info: GaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> prometheus::Result<T> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    reg(r, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+fn histogram(r: &Registry, name: &str, help: &str) -> prometheus::Result<Histogram> {
+    reg(r, Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))?)
+}
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+    reg(r, HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?)
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        let m = Metrics {
+            http_requests: counter_vec(
+                &r,
+                "chatkit_gate_http_requests_total",
+                "HTTP requests answered, by route, method and status.",
+                &["route", "method", "status"],
+            )?,
+            http_request_duration: histogram_vec(
+                &r,
+                "chatkit_gate_http_request_duration_seconds",
+                "Time from request to response headers, by route.",
+                &["route"],
+            )?,
+            http_in_flight: reg(
+                &r,
+                IntGauge::new("chatkit_gate_http_requests_in_flight", "Requests being served, streams included.")?,
+            )?,
+            connections_open: reg(
+                &r,
+                IntGauge::new("chatkit_gate_connections_open", "Client connections open on the public listeners.")?,
+            )?,
+            upstream_duration: histogram(
+                &r,
+                "chatkit_gate_upstream_request_duration_seconds",
+                "Time for the app to answer with response headers.",
+            )?,
+            upstream_errors: counter_vec(
+                &r,
+                "chatkit_gate_upstream_errors_total",
+                "Failed requests to the app, by kind (connect, timeout, protocol).",
+                &["kind"],
+            )?,
+            auth_decisions: counter_vec(
+                &r,
+                "chatkit_gate_auth_decisions_total",
+                "Authentication decisions by result (allow, deny, error) and source (introspection, cache, stale).",
+                &["result", "source"],
+            )?,
+            auth_introspection_duration: histogram(
+                &r,
+                "chatkit_gate_auth_introspection_duration_seconds",
+                "Duration of calls to the introspection URL.",
+            )?,
+            auth_cache_entries: reg(
+                &r,
+                IntGauge::new("chatkit_gate_auth_cache_entries", "Decisions held in the authentication cache.")?,
+            )?,
+            rate_limit_decisions: counter_vec(
+                &r,
+                "chatkit_gate_rate_limit_decisions_total",
+                "Rate-limit decisions by policy, decision (allowed, limited) and source (redis, local, cache).",
+                &["policy", "decision", "source"],
+            )?,
+            redis_errors: reg(
+                &r,
+                IntCounter::new("chatkit_gate_redis_errors_total", "Redis calls that failed or timed out.")?,
+            )?,
+            redis_duration: histogram(&r, "chatkit_gate_redis_request_duration_seconds", "Duration of Redis calls.")?,
+            rate_limit_store_degraded: reg(
+                &r,
+                IntGauge::new(
+                    "chatkit_gate_rate_limit_store_degraded",
+                    "1 while the rate-limit store is unreachable and on_store_error applies.",
+                )?,
+            )?,
+            chatkit_sessions: counter_vec(
+                &r,
+                "chatkit_gate_chatkit_sessions_total",
+                "ChatKit sessions by endpoint (session, refresh) and result (created, failed).",
+                &["endpoint", "result"],
+            )?,
+            chatkit_api_duration: histogram_vec(
+                &r,
+                "chatkit_gate_chatkit_api_duration_seconds",
+                "Duration of ChatKit API calls by operation (create, cancel).",
+                &["operation"],
+            )?,
+            chatkit_cancel_failures: reg(
+                &r,
+                IntCounter::new(
+                    "chatkit_gate_chatkit_cancel_failures_total",
+                    "Old sessions whose cancellation failed on refresh.",
+                )?,
+            )?,
+            tls_handshake_errors: reg(
+                &r,
+                IntCounter::new("chatkit_gate_tls_handshake_errors_total", "TLS handshakes that failed or timed out.")?,
+            )?,
+            tls_cert_expiry: reg(
+                &r,
+                Gauge::new(
+                    "chatkit_gate_tls_cert_expiry_timestamp_seconds",
+                    "Expiry (notAfter) of the served certificate, Unix seconds.",
+                )?,
+            )?,
+            tls_reloads: counter_vec(
+                &r,
+                "chatkit_gate_tls_reloads_total",
+                "Certificate reloads by result (success, error).",
+                &["result"],
+            )?,
+            audit_dropped: reg(
+                &r,
+                IntCounter::new(
+                    "chatkit_gate_audit_events_dropped_total",
+                    "Audit events dropped because the writer fell behind.",
+                )?,
+            )?,
+            build_info: reg(
+                &r,
+                GaugeVec::new(Opts::new("chatkit_gate_build_info", "Build information; always 1."), &["version"])?,
+            )?,
+            registry: r,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
+        for kind in ["connect", "timeout", "protocol"] {
+            m.upstream_errors.with_label_values(&[kind]);
+        }
+        for result in ["allow", "deny", "error"] {
+            for source in ["introspection", "cache", "stale"] {
+                m.auth_decisions.with_label_values(&[result, source]);
+            }
+        }
+        for endpoint in ["session", "refresh"] {
+            for result in ["created", "failed"] {
+                m.chatkit_sessions.with_label_values(&[endpoint, result]);
+            }
+        }
+        for result in ["success", "error"] {
+            m.tls_reloads.with_label_values(&[result]);
+        }
+        Ok(m)
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let families = self.registry.gather();
+        if TextEncoder::new().encode(&families, &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
