@@ -13,3 +13,5 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod routes;
 pub mod store;
+pub mod tls;
+pub mod upstream;
