@@ -443,8 +443,9 @@ fn retry_after(headers: &HeaderMap) -> u64 {
     secs.clamp(1, 3600)
 }
 
-/// The API's message, fit for our log: the key (and anything shaped like an OpenAI key, which
-/// the API's 401 message echoes partly masked) removed, one line, bounded.
+/// The API's message, fit for our log: the key, anything shaped like an OpenAI key or client
+/// secret, and masked keys (the API's 401 message echoes the key partly masked) removed; one
+/// line, bounded.
 fn sanitize(message: &str, key: &str) -> String {
     let mut m = message.to_string();
     if key.len() >= 8 {
@@ -454,7 +455,8 @@ fn sanitize(message: &str, key: &str) -> String {
         .split(' ')
         .map(|w| {
             let bare = w.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_' && c != '*');
-            if bare.starts_with("sk-") || bare.starts_with("sess-") || bare.starts_with("ek_") {
+            let masked = bare.contains("****");
+            if masked || bare.starts_with("sk-") || bare.starts_with("sess-") || bare.starts_with("ek_") {
                 w.replace(bare, "[redacted]")
             } else {
                 w.to_string()
@@ -508,6 +510,8 @@ mod tests {
         assert!(!m.contains("0123456789abcdef"), "{m}");
         let m = sanitize("Incorrect API key provided: sk-proj-****************abcd.", "other-key-value");
         assert_eq!(m, "Incorrect API key provided: [redacted].");
+        let m = sanitize("Incorrect API key provided: ****************wxyz. You can", "other-key-value");
+        assert_eq!(m, "Incorrect API key provided: [redacted]. You can");
         assert!(sanitize(&"x".repeat(1000), key).chars().count() <= MAX_LOGGED_MESSAGE + 1);
         assert_eq!(sanitize("line\nbreak", key), "line break");
     }

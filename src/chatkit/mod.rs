@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use tokio_util::task::TaskTracker;
 
 pub use api::{ApiError, CreatedSession};
-pub use bindings::{Binding, Bindings, SecretHash};
+pub use bindings::{Binding, Bindings, SecretHash, unix_now};
 
 use crate::audit::{Audit, AuditEvent, AuditKind};
 use crate::auth::Identity;
