@@ -76,12 +76,11 @@ pub fn check_environment(config: &Config) -> Vec<(String, String)> {
         };
         problems.push((key.to_string(), e.to_string()));
     }
-    if let Some(auth) = &config.auth {
-        if let Some(ca) = &auth.ca_file {
-            if let Err(e) = std::fs::read(ca) {
-                problems.push(("auth.ca_file".into(), format!("{}: {e}", ca.display())));
-            }
-        }
+    if let Some(auth) = &config.auth
+        && let Some(ca) = &auth.ca_file
+        && let Err(e) = std::fs::read(ca)
+    {
+        problems.push(("auth.ca_file".into(), format!("{}: {e}", ca.display())));
     }
     if let Some(ck) = &config.chatkit {
         problems.extend(ChatKit::check(ck));

@@ -45,7 +45,7 @@ fn redirect_host<'a>(uri: &'a Uri, headers: &'a HeaderMap, hosts: &'a [String]) 
     let raw = headers.get(HOST).and_then(|h| h.to_str().ok()).or_else(|| uri.authority().map(|a| a.as_str()));
     let asked = raw.and_then(|r| r.parse::<http::uri::Authority>().ok()).map(|a| a.host().to_ascii_lowercase());
     match (asked, hosts.first()) {
-        (Some(h), _) if hosts.is_empty() || hosts.iter().any(|x| *x == h) => Some(h),
+        (Some(h), _) if hosts.is_empty() || hosts.contains(&h) => Some(h),
         (_, Some(first)) => Some(first.clone()),
         (None, None) => None,
         (Some(_), None) => None,
@@ -54,10 +54,10 @@ fn redirect_host<'a>(uri: &'a Uri, headers: &'a HeaderMap, hosts: &'a [String]) 
 
 /// Add the configured HSTS header unless the app set its own.
 pub fn add_hsts(headers: &mut HeaderMap, hsts: Option<&HeaderValue>) {
-    if let Some(v) = hsts {
-        if !headers.contains_key(STRICT_TRANSPORT_SECURITY) {
-            headers.insert(STRICT_TRANSPORT_SECURITY, v.clone());
-        }
+    if let Some(v) = hsts
+        && !headers.contains_key(STRICT_TRANSPORT_SECURITY)
+    {
+        headers.insert(STRICT_TRANSPORT_SECURITY, v.clone());
     }
 }
 
