@@ -1,0 +1,3 @@
+pub mod certs;
+pub mod fake_openai;
+pub mod redis;
