@@ -1,0 +1,315 @@
+//! The app behind the gate: one pooled keep-alive client, and the headers a forwarded request
+//! and its answer carry (hop-by-hop removed, `X-Forwarded-*` and `X-Request-Id` set).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use http::header::{CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use ipnet::IpNet;
+
+use crate::body::GateBody;
+use crate::config::UpstreamSettings;
+use crate::error::GateError;
+use crate::metrics::Metrics;
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authorization");
+static PROXY_AUTHENTICATE: HeaderName = HeaderName::from_static("proxy-authenticate");
+
+/// The pooled client to the app.
+pub struct Upstream {
+    client: Client<HttpConnector, GateBody>,
+    scheme: Scheme,
+    authority: Authority,
+    timeout: Duration,
+    metrics: Metrics,
+}
+
+impl Upstream {
+    pub fn new(settings: &UpstreamSettings, metrics: Metrics) -> anyhow::Result<Upstream> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(http);
+        let authority =
+            settings.url.authority().cloned().ok_or_else(|| anyhow::anyhow!("upstream.url: URL has no host"))?;
+        Ok(Upstream {
+            client,
+            scheme: settings.url.scheme().cloned().unwrap_or(Scheme::HTTP),
+            authority,
+            timeout: settings.timeout,
+            metrics,
+        })
+    }
+
+    /// The app's URI for a request path.
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, GateError> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")))
+            .build()
+            .map_err(|_| GateError::BadRequest("Invalid request"))
+    }
+
+    /// Send a prepared request; waits at most `upstream.timeout` for the response headers.
+    pub async fn send(&self, req: Request<GateBody>) -> Result<Response<Incoming>, GateError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        self.metrics.upstream_duration.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                let kind = if e.is_connect() { "connect" } else { "protocol" };
+                self.metrics.upstream_errors.with_label_values(&[kind]).inc();
+                tracing::warn!(kind, error = %error_chain(&e), "upstream request failed");
+                Err(GateError::UpstreamUnavailable)
+            }
+            Err(_) => {
+                self.metrics.upstream_errors.with_label_values(&["timeout"]).inc();
+                tracing::warn!(timeout_ms = self.timeout.as_millis() as u64, "upstream timed out");
+                Err(GateError::UpstreamTimeout)
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    let ip = canonical(ip);
+    trusted.iter().any(|n| n.contains(&ip))
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// Whether the peer's forwarding headers are believed.
+pub fn peer_is_trusted(peer: SocketAddr, trusted: &[IpNet]) -> bool {
+    !trusted.is_empty() && is_trusted(peer.ip(), trusted)
+}
+
+/// The client address: the peer, or for a trusted peer the right-most untrusted address in
+/// `X-Forwarded-For` (falling back to the left-most when every hop is trusted).
+pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer_ip = canonical(peer.ip());
+    if !peer_is_trusted(peer, trusted) {
+        return peer_ip;
+    }
+    let mut leftmost = None;
+    let hops: Vec<IpAddr> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| parse_hop(s.trim()))
+        .collect();
+    for ip in hops.iter().rev() {
+        if !is_trusted(*ip, trusted) {
+            return *ip;
+        }
+        leftmost = Some(*ip);
+    }
+    leftmost.unwrap_or(peer_ip)
+}
+
+fn parse_hop(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    // "1.2.3.4:5678" or "[::1]:5678"
+    s.parse::<SocketAddr>().ok().map(|a| canonical(a.ip()))
+}
+
+/// A client-sent request id is kept when short and plain; otherwise one is generated.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c)) {
+            return v.clone();
+        }
+    }
+    let id: u128 = rand::random();
+    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Does this request ask to switch protocols (WebSocket and friends)?
+pub fn wants_upgrade(headers: &HeaderMap, version: Version) -> bool {
+    version == Version::HTTP_11 && headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// With `upgrade`, `Connection: upgrade` and `Upgrade` survive (the tunnel needs them).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && *n == UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let upgrade_value = if upgrade { headers.get(UPGRADE).cloned() } else { None };
+    for name in [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &PROXY_AUTHORIZATION,
+        &PROXY_AUTHENTICATE,
+        &TE,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if let Some(v) = upgrade_value {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, v);
+    }
+}
+
+/// What the forwarding headers are made from.
+pub struct Forwarded<'a> {
+    pub peer: SocketAddr,
+    pub peer_trusted: bool,
+    pub https: bool,
+    pub request_id: &'a HeaderValue,
+}
+
+/// Set `Host`, `X-Forwarded-For/-Proto/-Host` and `X-Request-Id` on a request to the app.
+pub fn set_forwarding_headers(headers: &mut HeaderMap, uri: &Uri, f: &Forwarded<'_>) {
+    // HTTP/2 clients send :authority instead of Host; the app gets the host the client asked for.
+    if !headers.contains_key(HOST)
+        && let Some(a) = uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        headers.insert(HOST, v);
+    }
+    let peer_ip = canonical(f.peer.ip());
+    if f.peer_trusted {
+        let prior: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        let joined = if prior.is_empty() { peer_ip.to_string() } else { format!("{}, {peer_ip}", prior.join(", ")) };
+        if let Ok(v) = HeaderValue::from_str(&joined) {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
+    } else {
+        headers.insert(&X_FORWARDED_FOR, peer_ip_value(peer_ip));
+        headers.remove(&X_FORWARDED_HOST);
+    }
+    if !(f.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) || f.https {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if f.https { "https" } else { "http" }));
+    }
+    if !headers.contains_key(&X_FORWARDED_HOST)
+        && let Some(host) = headers.get(HOST).cloned()
+    {
+        headers.insert(&X_FORWARDED_HOST, host);
+    }
+    headers.insert(&X_REQUEST_ID, f.request_id.clone());
+}
+
+fn peer_ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn untrusted_peer_forwarded_for_is_ignored() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        let peer: SocketAddr = "203.0.113.9:5555".parse().unwrap();
+        assert_eq!(client_ip(peer, &h, &nets(&["10.0.0.0/8"])), "203.0.113.9".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn trusted_peer_gives_rightmost_untrusted_hop() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6, 198.51.100.7"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
+        let peer: SocketAddr = "10.0.0.2:5555".parse().unwrap();
+        assert_eq!(client_ip(peer, &h, &nets(&["10.0.0.0/8"])), "198.51.100.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn upgrade_survives_when_tunnelling() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h, Version::HTTP_11));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h[UPGRADE], "websocket");
+        assert_eq!(h[CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn request_id_is_kept_when_plain_and_replaced_when_not() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("<script>"));
+        assert_eq!(request_id(&h).len(), 32);
+    }
+}
