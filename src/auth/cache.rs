@@ -104,7 +104,8 @@ impl<V: Clone, O: Clone> DecisionCache<V, O> {
     pub fn new(max_entries: usize, entries: IntGauge) -> Self {
         let max_entries = max_entries.max(1);
         // Up to 16 shards, never more than entries, so the per-shard bounds add up to at most max.
-        let shards = (1..=4).map(|p| 1usize << p).filter(|n| *n <= max_entries).last().unwrap_or(1);
+        let n = max_entries.min(16);
+        let shards = 1usize << (usize::BITS - 1 - n.leading_zeros());
         let per_shard = max_entries / shards;
         let shards = (0..shards)
             .map(|_| Mutex::new(Shard { lru: Lru::new(per_shard), inflight: KeyMap::default() }))

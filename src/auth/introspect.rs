@@ -371,7 +371,8 @@ mod tests {
     #[test]
     fn only_the_named_cookies_are_kept_across_cookie_fields() {
         let r = rules(&["session", "sid"], &[]);
-        let h = headers(&[("cookie", "theme=dark; session=abc;  other=1"), ("cookie", "sid=x=y"), ("cookie", "session")]);
+        let h =
+            headers(&[("cookie", "theme=dark; session=abc;  other=1"), ("cookie", "sid=x=y"), ("cookie", "session")]);
         let c = r.extract(&h).unwrap();
         assert_eq!(c.cookie.unwrap(), "session=abc; sid=x=y");
         assert!(r.extract(&headers(&[("cookie", "theme=dark; sessionx=1")])).is_none());

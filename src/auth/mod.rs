@@ -431,11 +431,7 @@ fn is_navigation(parts: &http::request::Parts) -> bool {
     if let Some(mode) = parts.headers.get("sec-fetch-mode") {
         return mode.as_bytes().eq_ignore_ascii_case(b"navigate");
     }
-    parts
-        .headers
-        .get_all(ACCEPT)
-        .iter()
-        .any(|v| v.as_bytes().windows(9).any(|w| w.eq_ignore_ascii_case(b"text/html")))
+    parts.headers.get_all(ACCEPT).iter().any(|v| v.as_bytes().windows(9).any(|w| w.eq_ignore_ascii_case(b"text/html")))
 }
 
 /// The `rd` target: the original path and query, only ever as a path on this site.
