@@ -506,6 +506,8 @@ async fn metrics_show_allow_deny_error_by_source() {
         .and_then(|l| l.rsplit(' ').next())
         .unwrap();
     assert_eq!(count, "4", "one observation per introspection call");
+    let entries = text.lines().find(|l| l.starts_with("chatkit_gate_auth_cache_entries ")).unwrap();
+    assert_eq!(entries, "chatkit_gate_auth_cache_entries 2", "alice and nobody are cached");
     assert!(!text.contains("alice-token"), "no credential in metrics");
 }
 
@@ -569,4 +571,16 @@ async fn forwarded_authorization_header_is_a_credential() {
     let seen = h.idp.last();
     assert_eq!(seen.header("authorization"), Some("Bearer alice-token"));
     assert!(seen.header("cookie").is_none());
+}
+
+#[tokio::test]
+async fn introspection_connections_are_pooled_and_kept_alive() {
+    let h = start(&[]).await;
+    for i in 0..10 {
+        // Distinct credentials: every request is a cache miss and a call.
+        assert_eq!(h.get_as("/api/x", &format!("token-{i}")).await.status(), 401);
+        assert_eq!(h.get_as("/optional/x", &format!("other-{i}")).await.status(), 200);
+    }
+    assert_eq!(h.idp.count(), 20);
+    assert_eq!(h.idp.connections(), 1, "sequential calls reuse one keep-alive connection");
 }

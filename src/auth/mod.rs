@@ -153,7 +153,12 @@ pub struct Authenticator {
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator").field("introspection_url", &self.inner.introspector.url()).finish()
+        // Host and path only: a URL's userinfo may hold a password.
+        let url = self.inner.introspector.url();
+        f.debug_struct("Authenticator")
+            .field("introspection_host", &url.host())
+            .field("introspection_path", &url.path())
+            .finish_non_exhaustive()
     }
 }
 
@@ -493,6 +498,33 @@ fn header_value(s: &str) -> Option<HeaderValue> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    fn config_errors(auth: &str) -> Vec<String> {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n\
+             [auth]\nintrospection_url = \"http://127.0.0.1:3000/s\"\n{auth}\n"
+        );
+        match crate::config::Config::from_toml(&text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn auth_config_rejects_credentials_the_gate_manages_itself() {
+        let errs =
+            config_errors("forward_headers = [\"authorization\", \"cookie\", \"Host\", \"x-auth-request-user\"]");
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].starts_with("auth.forward_headers[1]: cookies are forwarded by auth.cookies"), "{errs:?}");
+        assert!(errs[1].starts_with("auth.forward_headers[2]: host is never forwarded"), "{errs:?}");
+        assert!(errs[2].starts_with("auth.forward_headers[3]: headers starting with auth.header_prefix"), "{errs:?}");
+        for bad in ["//evil.example/login", "/login#x", "https://evil.example/login", "/\\\\evil"] {
+            let errs = config_errors(&format!("login_url = {bad:?}"));
+            assert!(errs.iter().any(|e| e.starts_with("auth.login_url:")), "{bad}: {errs:?}");
+        }
+        assert!(config_errors("login_url = \"/login?next=1\"\nrespect_cache_control = false").is_empty());
+        assert!(config_errors("respect_cache_control = \"no\"").iter().any(|e| e.contains("respect_cache_control")));
+    }
 
     #[test]
     fn strip_prefixed_removes_every_case_and_repeat() {

@@ -58,6 +58,7 @@ struct State {
     set_cookies: Mutex<Vec<String>>,
     signed_out: Mutex<(u16, String)>,
     seen: Mutex<Vec<Seen>>,
+    connections: Mutex<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -88,6 +89,7 @@ impl FakeIntrospection {
             set_cookies: Mutex::new(Vec::new()),
             signed_out: Mutex::new((401, r#"{"error":"not signed in"}"#.to_string())),
             seen: Mutex::new(Vec::new()),
+            connections: Mutex::new(0),
         });
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, state.clone(), rx));
@@ -150,6 +152,11 @@ impl FakeIntrospection {
         lock(&self.state.seen).len()
     }
 
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        *lock(&self.state.connections)
+    }
+
     /// Stop listening and close every connection: from when this returns, connections are refused.
     pub async fn shutdown(&self) {
         self.shutdown.send_replace(true);
@@ -175,6 +182,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut shutdown: wat
             },
             _ = shutdown.wait_for(|s| *s) => return,
         };
+        *lock(&state.connections) += 1;
         let state = state.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
