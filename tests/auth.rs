@@ -77,8 +77,11 @@ async fn start(overrides: &[(&str, &str)]) -> Harness {
 }
 
 async fn start_with(overrides: &[(&str, &str)], routes: &str) -> Harness {
+    start_on(FakeIntrospection::start("session").await, overrides, routes).await
+}
+
+async fn start_on(idp: FakeIntrospection, overrides: &[(&str, &str)], routes: &str) -> Harness {
     let app = FakeApp::start().await;
-    let idp = FakeIntrospection::start("session").await;
     idp.add_user("alice-token", "u-alice", "Alice", "alice@example.com");
     let dir = tempfile::tempdir().unwrap();
     let audit_file = dir.path().join("audit.jsonl");
@@ -583,4 +586,24 @@ async fn introspection_connections_are_pooled_and_kept_alive() {
     }
     assert_eq!(h.idp.count(), 20);
     assert_eq!(h.idp.connections(), 1, "sequential calls reuse one keep-alive connection");
+}
+
+#[tokio::test]
+async fn https_introspection_url_is_verified_against_webpki_roots_plus_ca_file() {
+    let pki = certs::TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, pki.ca_pem()).unwrap();
+
+    let ca = format!("{:?}", ca_file.display().to_string());
+    let h = start_on(FakeIntrospection::start_tls("session", pki.leaf()).await, &[("ca_file", &ca)], ROUTES).await;
+    assert!(h.idp.url().starts_with("https://"));
+    assert_eq!(h.get_as("/api/x", "alice-token").await.status(), 200);
+    assert_eq!(h.app.last().headers["x-auth-request-user"], "u-alice");
+    assert_eq!(h.idp.last().version, http::Version::HTTP_2, "ALPN h2 is offered and used");
+
+    // Without the CA, the test certificate is not trusted: unavailable, never signed in.
+    let h = start_on(FakeIntrospection::start_tls("session", pki.leaf()).await, &[], ROUTES).await;
+    assert_eq!(h.get_as("/api/x", "alice-token").await.status(), 503);
+    assert_eq!(h.idp.count(), 0);
 }

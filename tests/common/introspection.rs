@@ -22,6 +22,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use super::certs::Leaf;
 
 /// How every request is answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +40,7 @@ pub enum Mode {
 /// One request as the endpoint saw it.
 #[derive(Clone, Debug)]
 pub struct Seen {
+    pub version: http::Version,
     pub method: String,
     pub uri: String,
     pub headers: HeaderMap,
@@ -68,6 +72,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A running fake introspection endpoint. Dropping it stops it.
 pub struct FakeIntrospection {
     pub addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<State>,
     shutdown: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -78,6 +83,15 @@ pub const PATH: &str = "/api/auth/session";
 impl FakeIntrospection {
     /// Serves [`PATH`]; the session is the cookie named `cookie_name`.
     pub async fn start(cookie_name: &str) -> FakeIntrospection {
+        Self::start_inner(cookie_name, None).await
+    }
+
+    /// The same over HTTPS (ALPN h2 and http/1.1), presenting `leaf`.
+    pub async fn start_tls(cookie_name: &str, leaf: &Leaf) -> FakeIntrospection {
+        Self::start_inner(cookie_name, Some(TlsAcceptor::from(leaf.server_config()))).await
+    }
+
+    async fn start_inner(cookie_name: &str, tls: Option<TlsAcceptor>) -> FakeIntrospection {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -92,13 +106,17 @@ impl FakeIntrospection {
             connections: Mutex::new(0),
         });
         let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, state.clone(), rx));
-        FakeIntrospection { addr, state, shutdown, task: Mutex::new(Some(task)) }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let task = tokio::spawn(accept_loop(listener, tls, state.clone(), rx));
+        FakeIntrospection { addr, scheme, state, shutdown, task: Mutex::new(Some(task)) }
     }
 
-    /// The value for `auth.introspection_url`.
+    /// The value for `auth.introspection_url` (`https://localhost:…` when serving TLS).
     pub fn url(&self) -> String {
-        format!("http://{}{PATH}", self.addr)
+        match self.scheme {
+            "https" => format!("https://localhost:{}{PATH}", self.addr.port()),
+            _ => format!("http://{}{PATH}", self.addr),
+        }
     }
 
     /// Sign in `token` as a user with this id, name and email (and `tier` = "pro").
@@ -173,7 +191,12 @@ impl Drop for FakeIntrospection {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -184,16 +207,28 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, mut shutdown: wat
         };
         *lock(&state.connections) += 1;
         let state = state.clone();
+        let tls = tls.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(state, req).await) }
             });
-            let conn =
-                auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).into_owned();
+            let serve = async move {
+                let builder = auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+            };
             tokio::select! {
-                _ = conn => {}
+                _ = serve => {}
                 _ = shutdown.wait_for(|s| *s) => {}
             }
         });
@@ -218,6 +253,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     let (parts, body) = req.into_parts();
     let body_len = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
     lock(&state.seen).push(Seen {
+        version: parts.version,
         method: parts.method.to_string(),
         uri: parts.uri.to_string(),
         headers: parts.headers.clone(),
