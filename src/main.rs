@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let (format, level) = log_settings(&cli, Some(&config));
-    init_logging(format, &level);
+    let _log_guard = init_logging(format, &level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

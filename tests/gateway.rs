@@ -433,3 +433,24 @@ fn example_config_starts_as_is() {
     assert!(logs.contains("self_signed"), "no self-signed warning: {logs}");
     assert!(status.success(), "exit {status:?}");
 }
+
+#[tokio::test]
+async fn connections_past_max_connections_wait_for_a_free_slot() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).server("max_connections = 1").start().await;
+    let mut first = certs::tls_connect(gate.https, "localhost", &gate.ca_pem, &["http/1.1"]).await.unwrap();
+    first.write_all(b"GET /one HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    // The second connection is not accepted (so not handshaken) while the first is open.
+    let ca = gate.ca_pem.clone();
+    let addr = gate.https;
+    let second = tokio::spawn(async move { certs::tls_connect(addr, "localhost", &ca, &["http/1.1"]).await.is_ok() });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "second connection served past max_connections = 1");
+    drop(first);
+    let ok = tokio::time::timeout(Duration::from_secs(5), second).await.expect("served once a slot freed").unwrap();
+    assert!(ok);
+}
