@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::header::{ACCEPT, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request};
 use http_body_util::Empty;
+use prometheus::IntCounter;
 
 use self::cache::{DecisionCache, Flight, Lookup, Store};
 use self::introspect::{Answer, CredentialRules, Failure, Forwarded, Introspector};
@@ -103,12 +104,34 @@ enum Source {
 }
 
 impl Source {
+    const ALL: [Source; 4] = [Source::Introspection, Source::Cache, Source::Stale, Source::None];
+
     fn label(self) -> &'static str {
         match self {
             Source::Introspection => "introspection",
             Source::Cache => "cache",
             Source::Stale => "stale",
             Source::None => "none",
+        }
+    }
+}
+
+/// The `result` label of `chatkit_gate_auth_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Allow,
+    Deny,
+    Error,
+}
+
+impl Verdict {
+    const ALL: [Verdict; 3] = [Verdict::Allow, Verdict::Deny, Verdict::Error];
+
+    fn label(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Error => "error",
         }
     }
 }
@@ -139,7 +162,8 @@ struct Inner {
     rules: CredentialRules,
     introspector: Introspector,
     cache: DecisionCache<Decision, Outcome>,
-    metrics: Metrics,
+    /// `auth_decisions` children resolved once (no label lookup per request), by verdict × source.
+    decisions: Vec<IntCounter>,
     audit: Audit,
     /// A 2xx without a user id is signed out; say so once, loudly, in case it is a wrong pointer.
     warned_no_user: AtomicBool,
@@ -189,7 +213,10 @@ impl Authenticator {
         HeaderValue::from_str(&settings.login_url)
             .map_err(|_| anyhow::anyhow!("auth.login_url: not usable in a Location header"))?;
         let introspector = Introspector::new(settings, metrics.auth_introspection_duration.clone())?;
-        metrics.auth_decisions.with_label_values(&["deny", Source::None.label()]);
+        let decisions = Verdict::ALL
+            .iter()
+            .flat_map(|v| Source::ALL.map(|s| metrics.auth_decisions.with_label_values(&[v.label(), s.label()])))
+            .collect();
         let inner = Inner {
             prefix,
             login_url: settings.login_url.clone(),
@@ -210,7 +237,7 @@ impl Authenticator {
             },
             introspector,
             cache: DecisionCache::new(settings.cache_max_entries, metrics.auth_cache_entries.clone()),
-            metrics,
+            decisions,
             audit,
             warned_no_user: AtomicBool::new(false),
         };
@@ -234,7 +261,7 @@ impl Authenticator {
         let (decision, set_cookies, source) = match self.decide(parts, ctx).await {
             Ok(decided) => decided,
             Err(failure) => {
-                inner.count("error", Source::Introspection);
+                inner.count(Verdict::Error, Source::Introspection);
                 inner.audit.log(
                     AuditEvent::new(AuditKind::AuthUnavailable, ctx.request_id(), ctx.client_ip)
                         .reason(failure.reason())
@@ -245,14 +272,14 @@ impl Authenticator {
         };
         match decision {
             Decision::SignedIn(signed) => {
-                inner.count("allow", source);
+                inner.count(Verdict::Allow, source);
                 for (name, value) in &signed.headers {
                     parts.headers.insert(name.clone(), value.clone());
                 }
                 Ok(AuthResult { identity: Some(signed.identity.clone()), set_cookies })
             }
             Decision::SignedOut => {
-                inner.count("deny", source);
+                inner.count(Verdict::Deny, source);
                 if route.auth == RouteAuth::Optional {
                     return Ok(AuthResult::default());
                 }
@@ -318,8 +345,11 @@ impl Authenticator {
 }
 
 impl Inner {
-    fn count(&self, result: &str, source: Source) {
-        self.metrics.auth_decisions.with_label_values(&[result, source.label()]).inc();
+    fn count(&self, verdict: Verdict, source: Source) {
+        let i = verdict as usize * Source::ALL.len() + source as usize;
+        if let Some(counter) = self.decisions.get(i) {
+            counter.inc();
+        }
     }
 
     /// One introspection call for a flight: ask, read the answer, update the cache, wake waiters.
@@ -524,6 +554,12 @@ mod tests {
         }
         assert!(config_errors("login_url = \"/login?next=1\"\nrespect_cache_control = false").is_empty());
         assert!(config_errors("respect_cache_control = \"no\"").iter().any(|e| e.contains("respect_cache_control")));
+    }
+
+    #[test]
+    fn decision_counters_are_indexed_by_declaration_order() {
+        assert!(Source::ALL.iter().enumerate().all(|(i, s)| *s as usize == i));
+        assert!(Verdict::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
     }
 
     #[test]
