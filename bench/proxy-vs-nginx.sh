@@ -39,7 +39,7 @@ worker_processes 1; daemon off; pid $TMP/proxy.pid; error_log $TMP/proxy.err;
 events { worker_connections 4096; }
 http { access_log off;
   upstream app { server 127.0.0.1:18080; keepalive 64; }
-  server { listen 127.0.0.1:18443 ssl; http2 on; ssl_certificate $TMP/cert.pem; ssl_certificate_key $TMP/key.pem;
+  server { listen 127.0.0.1:18443 ssl http2; ssl_certificate $TMP/cert.pem; ssl_certificate_key $TMP/key.pem;
     keepalive_requests 100000;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
