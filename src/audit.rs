@@ -220,8 +220,11 @@ impl Output {
             Output::File { path, file, identity, checked } => {
                 if checked.elapsed() >= ROTATION_CHECK {
                     *checked = Instant::now();
-                    let current = std::fs::metadata(&*path).ok().as_ref().and_then(file_identity);
-                    if current.is_none() || current != *identity {
+                    let replaced = match std::fs::metadata(&*path) {
+                        Err(_) => true,
+                        Ok(meta) => file_identity(&meta) != *identity,
+                    };
+                    if replaced {
                         // Moved or removed by logrotate: continue in a fresh file at the path.
                         let reopened = open_append(path)?;
                         *identity = reopened.metadata().ok().as_ref().and_then(file_identity);
