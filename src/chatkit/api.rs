@@ -31,13 +31,24 @@ const OPENAI_BETA: HeaderName = HeaderName::from_static("openai-beta");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A session the API created.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CreatedSession {
     pub id: String,
     pub client_secret: String,
     /// Unix seconds.
     pub expires_at: i64,
     pub api_request_id: Option<String>,
+}
+
+/// Without the secret, so a stray `{:?}` cannot leak it.
+impl std::fmt::Debug for CreatedSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedSession")
+            .field("id", &self.id)
+            .field("expires_at", &self.expires_at)
+            .field("api_request_id", &self.api_request_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why an API call failed. Every text here is safe to log (no key, no secret); none of it is
