@@ -125,6 +125,13 @@ impl Gateway {
         })
     }
 
+    /// Wait (up to `grace`) for work the gate started on its own behalf, e.g. session cancels.
+    pub async fn drain_background(&self, grace: std::time::Duration) {
+        if let Some(ck) = &self.chatkit {
+            ck.drain(grace).await;
+        }
+    }
+
     pub fn limiter_ready(&self) -> bool {
         self.limiter.as_ref().is_none_or(RateLimiter::ready)
     }

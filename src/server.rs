@@ -82,7 +82,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         None => None,
     };
     let chatkit = match &config.chatkit {
-        Some(ck) => Some(ChatKit::new(ck, store.clone(), metrics.clone(), audit.clone()).context("chatkit")?),
+        Some(ck) => {
+            let chatkit = ChatKit::new(ck, store.clone(), metrics.clone(), audit.clone()).context("chatkit")?;
+            Some(match config.server.max_body_bytes {
+                Some(limit) => chatkit.with_body_limit(usize::try_from(limit).unwrap_or(usize::MAX)),
+                None => chatkit,
+            })
+        }
         None => None,
     };
     let gateway = Arc::new(Gateway::new(&config, metrics.clone(), auth, limiter, chatkit, routes)?);
@@ -158,6 +164,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             "shutdown_grace elapsed with connections still open; closing them"
         ),
     }
+    // Old ChatKit sessions being cancelled in the background, then the last audit lines.
+    gateway.drain_background(grace).await;
+    audit.flush().await;
     admin_stop.cancel();
     let _ = admin_task.await;
     Ok(())
