@@ -182,6 +182,7 @@ struct RawRateLimit {
     redis_cluster: Option<Vec<String>>,
     redis_timeout: Option<String>,
     on_store_error: Option<String>,
+    key_prefix: Option<String>,
     #[serde(default)]
     policies: BTreeMap<String, RawPolicy>,
 }
@@ -391,6 +392,8 @@ pub struct RateLimitSettings {
     pub store: RateLimitStore,
     pub redis_timeout: Duration,
     pub on_store_error: OnStoreError,
+    /// Start of every Redis key (`<prefix>:rl:{...}`), so apps sharing one Redis stay apart.
+    pub key_prefix: String,
     pub policies: BTreeMap<String, PolicySettings>,
 }
 
@@ -1011,6 +1014,13 @@ fn validate_rate_limit(raw: RawRateLimit, e: &mut Errors) -> RateLimitSettings {
             OnStoreError::Local
         }
     };
+    let key_prefix = raw.key_prefix.unwrap_or_else(|| "chatkit-gate".into());
+    if key_prefix.is_empty()
+        || key_prefix.len() > 64
+        || !key_prefix.bytes().all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+    {
+        e.push("rate_limit.key_prefix", "must be 1 to 64 printable ASCII characters without '{' or '}'");
+    }
     let mut policies = BTreeMap::new();
     for (name, p) in raw.policies {
         let key = format!("rate_limit.policies.{name}");
@@ -1081,6 +1091,7 @@ fn validate_rate_limit(raw: RawRateLimit, e: &mut Errors) -> RateLimitSettings {
             Duration::from_millis(50),
         ),
         on_store_error,
+        key_prefix,
         policies,
     }
 }

@@ -48,7 +48,12 @@ pub struct Loaded {
 }
 
 /// Build a server config (TLS 1.2 + 1.3, ALPN h2 and http/1.1) from PEM bytes.
-pub fn server_config_from_pem(cert_pem: &[u8], key_pem: &[u8], cert_name: &str, key_name: &str) -> Result<Loaded, TlsError> {
+pub fn server_config_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_name: &str,
+    key_name: &str,
+) -> Result<Loaded, TlsError> {
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Pem { path: cert_name.to_string(), message: e.to_string() })?;
@@ -58,7 +63,8 @@ pub fn server_config_from_pem(cert_pem: &[u8], key_pem: &[u8], cert_name: &str, 
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
         .map_err(|e| TlsError::Pem { path: key_name.to_string(), message: e.to_string() })?
         .ok_or_else(|| TlsError::NoKey(key_name.to_string()))?;
-    let not_after = x509_parser::parse_x509_certificate(&certs[0]).ok().map(|(_, c)| c.validity().not_after.timestamp());
+    let not_after =
+        x509_parser::parse_x509_certificate(&certs[0]).ok().map(|(_, c)| c.validity().not_after.timestamp());
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()

@@ -192,9 +192,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(name);
     }
     let upgrade_value = if upgrade { headers.get(UPGRADE).cloned() } else { None };
-    for name in
-        [&CONNECTION, &KEEP_ALIVE, &PROXY_CONNECTION, &PROXY_AUTHORIZATION, &PROXY_AUTHENTICATE, &TE, &TRAILER, &TRANSFER_ENCODING, &UPGRADE]
-    {
+    for name in [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &PROXY_AUTHORIZATION,
+        &PROXY_AUTHENTICATE,
+        &TE,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+    ] {
         headers.remove(name);
     }
     if let Some(v) = upgrade_value {

@@ -14,9 +14,7 @@ use common::redis::{RedisCluster, RedisServer};
 use serde_json::{Value, json};
 
 async fn ping(url: &str) -> redis::RedisResult<String> {
-    let mut con = redis::Client::open(url)?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut con = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
     redis::cmd("PING").query_async(&mut con).await
 }
 
@@ -29,10 +27,7 @@ async fn redis_server_starts_kills_and_restarts_on_the_same_port() {
     let port = server.port();
     server.kill();
     assert!(!server.is_running());
-    assert!(
-        ping(&server.url()).await.is_err(),
-        "killed server still answers"
-    );
+    assert!(ping(&server.url()).await.is_err(), "killed server still answers");
 
     server.restart();
     assert_eq!(server.port(), port);
@@ -61,11 +56,7 @@ async fn redis_server_counts_commands_and_flushes() {
     assert_eq!(server.command_count("evalsha").await, 0);
 
     server.flushall().await;
-    let exists: bool = redis::cmd("EXISTS")
-        .arg("counter")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let exists: bool = redis::cmd("EXISTS").arg("counter").query_async(&mut con).await.unwrap();
     assert!(!exists);
 }
 
@@ -83,31 +74,12 @@ async fn redis_cluster_serves_hash_tagged_keys() {
     for user in ["alice", "bob", "carol", "dave"] {
         let a = format!("rl:{{{user}}}:a");
         let b = format!("rl:{{{user}}}:b");
-        let () = redis::cmd("SET")
-            .arg(&a)
-            .arg(user)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        let () = redis::cmd("SET")
-            .arg(&b)
-            .arg(1)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        let got: String = redis::cmd("GET")
-            .arg(&a)
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        let () = redis::cmd("SET").arg(&a).arg(user).query_async(&mut con).await.unwrap();
+        let () = redis::cmd("SET").arg(&b).arg(1).query_async(&mut con).await.unwrap();
+        let got: String = redis::cmd("GET").arg(&a).query_async(&mut con).await.unwrap();
         assert_eq!(got, user);
         // A multi-key command only works when both keys share a slot.
-        let both: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&a)
-            .arg(&b)
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        let both: Vec<Option<String>> = redis::cmd("MGET").arg(&a).arg(&b).query_async(&mut con).await.unwrap();
         assert_eq!(both, vec![Some(user.to_string()), Some("1".to_string())]);
     }
     assert!(cluster.command_count("set").await >= 8);
@@ -117,11 +89,7 @@ async fn redis_cluster_serves_hash_tagged_keys() {
 // ---------------------------------------------------------------- fake ChatKit API
 
 fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().unwrap()
 }
 
 fn valid_body() -> Value {
@@ -167,19 +135,13 @@ async fn post_cancel(fake: &FakeChatKit, id: &str) -> reqwest::Response {
 /// Asserts the OpenAI error shape and returns the `error` object.
 async fn expect_error(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status().as_u16(), status);
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(request_id.starts_with("req_"), "{request_id}");
     let body: Value = response.json().await.unwrap();
     let error = body["error"].clone();
     assert!(error["message"].is_string(), "{body}");
     assert!(error["type"].is_string(), "{body}");
-    assert!(
-        error.get("param").is_some() && error.get("code").is_some(),
-        "{body}"
-    );
+    assert!(error.get("param").is_some() && error.get("code").is_some(), "{body}");
     error
 }
 
@@ -188,29 +150,18 @@ async fn fake_creates_a_session_for_a_valid_request() {
     let fake = FakeChatKit::start_default().await;
     assert!(fake.api_base().starts_with("http://127.0.0.1:"));
     assert!(fake.api_base().ends_with("/v1"));
-    let before = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
 
     let response = post_create(&fake, &valid_body()).await;
     assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["x-request-id"]
-            .to_str()
-            .unwrap()
-            .starts_with("req_")
-    );
+    assert!(response.headers()["x-request-id"].to_str().unwrap().starts_with("req_"));
     let session: Value = response.json().await.unwrap();
     assert_eq!(session["object"], "chatkit.session");
     assert!(session["id"].as_str().unwrap().starts_with("cksess_"));
     let secret = session["client_secret"].as_str().unwrap();
     assert!(secret.starts_with("ek_") && secret.len() > 40, "{secret}");
     let expires_at = session["expires_at"].as_u64().unwrap();
-    assert!(
-        (before + 300..=before + 302).contains(&expires_at),
-        "{expires_at} vs {before}"
-    );
+    assert!((before + 300..=before + 302).contains(&expires_at), "{expires_at} vs {before}");
     assert_eq!(session["status"], "active");
     assert_eq!(session["user"], "user_123");
     assert_eq!(session["workflow"]["id"], TEST_WORKFLOW_ID);
@@ -219,21 +170,11 @@ async fn fake_creates_a_session_for_a_valid_request() {
     assert_eq!(session["workflow"]["tracing"]["enabled"], false);
     assert_eq!(session["rate_limits"]["max_requests_per_1_minute"], 20);
     assert_eq!(session["max_requests_per_1_minute"], 20);
-    assert_eq!(
-        session["chatkit_configuration"]["file_upload"]["max_files"],
-        3
-    );
-    assert_eq!(
-        session["chatkit_configuration"]["history"]["recent_threads"],
-        5
-    );
+    assert_eq!(session["chatkit_configuration"]["file_upload"]["max_files"], 3);
+    assert_eq!(session["chatkit_configuration"]["history"]["recent_threads"], 5);
 
     // Minimal body: documented defaults.
-    let response = post_create(
-        &fake,
-        &json!({"user": "u", "workflow": {"id": TEST_WORKFLOW_ID}}),
-    )
-    .await;
+    let response = post_create(&fake, &json!({"user": "u", "workflow": {"id": TEST_WORKFLOW_ID}})).await;
     assert_eq!(response.status(), 200);
     let minimal: Value = response.json().await.unwrap();
     let expires_at = minimal["expires_at"].as_u64().unwrap();
@@ -258,10 +199,7 @@ async fn fake_creates_a_session_for_a_valid_request() {
     let recorded = &fake.requests()[0];
     assert_eq!(recorded.method, "POST");
     assert_eq!(recorded.path, "/v1/chatkit/sessions");
-    assert_eq!(
-        recorded.header("Authorization").unwrap(),
-        format!("Bearer {TEST_API_KEY}")
-    );
+    assert_eq!(recorded.header("Authorization").unwrap(), format!("Bearer {TEST_API_KEY}"));
     assert_eq!(recorded.headers["openai-beta"], "chatkit_beta=v1");
     assert_eq!(recorded.headers["content-type"], "application/json");
     assert_eq!(recorded.body.as_ref().unwrap(), &valid_body());
@@ -296,10 +234,7 @@ async fn fake_rejects_a_wrong_or_missing_api_key() {
         .unwrap();
     let error = expect_error(response, 401).await;
     assert_eq!(error["code"], "invalid_api_key");
-    assert!(
-        !error["message"].as_str().unwrap().contains("sk-wrong-key"),
-        "key echoed"
-    );
+    assert!(!error["message"].as_str().unwrap().contains("sk-wrong-key"), "key echoed");
 
     let response = http_client()
         .post(format!("{}/chatkit/sessions", fake.api_base()))
@@ -367,30 +302,10 @@ async fn fake_rejects_bodies_that_break_the_schema() {
             &long_key_param,
             "string_above_max_length",
         ),
-        (
-            "missing user",
-            json!({"workflow": {"id": TEST_WORKFLOW_ID}}),
-            "user",
-            "missing_required_parameter",
-        ),
-        (
-            "empty user",
-            json!({"user": "", "workflow": {"id": TEST_WORKFLOW_ID}}),
-            "user",
-            "empty_string",
-        ),
-        (
-            "user not a string",
-            json!({"user": 42, "workflow": {"id": TEST_WORKFLOW_ID}}),
-            "user",
-            "invalid_type",
-        ),
-        (
-            "missing workflow",
-            json!({"user": "u"}),
-            "workflow",
-            "missing_required_parameter",
-        ),
+        ("missing user", json!({"workflow": {"id": TEST_WORKFLOW_ID}}), "user", "missing_required_parameter"),
+        ("empty user", json!({"user": "", "workflow": {"id": TEST_WORKFLOW_ID}}), "user", "empty_string"),
+        ("user not a string", json!({"user": 42, "workflow": {"id": TEST_WORKFLOW_ID}}), "user", "invalid_type"),
+        ("missing workflow", json!({"user": "u"}), "workflow", "missing_required_parameter"),
         (
             "workflow.version null",
             json!({"user": "u", "workflow": {"id": TEST_WORKFLOW_ID, "version": null}}),
@@ -445,17 +360,10 @@ async fn fake_rejects_bodies_that_break_the_schema() {
 #[tokio::test]
 async fn fake_answers_404_for_an_unknown_workflow_and_url() {
     let fake = FakeChatKit::start_default().await;
-    let response = post_create(
-        &fake,
-        &json!({"user": "u", "workflow": {"id": "wf_doesnotexist"}}),
-    )
-    .await;
+    let response = post_create(&fake, &json!({"user": "u", "workflow": {"id": "wf_doesnotexist"}})).await;
     let error = expect_error(response, 404).await;
     assert_eq!(error["param"], "workflow.id");
-    assert_eq!(
-        error["message"],
-        "Workflow with id 'wf_doesnotexist' not found."
-    );
+    assert_eq!(error["message"], "Workflow with id 'wf_doesnotexist' not found.");
 
     let response = http_client()
         .get(format!("{}/chatkit/sessions", fake.api_base()))
@@ -469,11 +377,7 @@ async fn fake_answers_404_for_an_unknown_workflow_and_url() {
 #[tokio::test]
 async fn fake_cancels_known_sessions_only() {
     let fake = FakeChatKit::start_default().await;
-    let session: Value = post_create(&fake, &valid_body())
-        .await
-        .json()
-        .await
-        .unwrap();
+    let session: Value = post_create(&fake, &valid_body()).await.json().await.unwrap();
     let id = session["id"].as_str().unwrap();
 
     let response = post_cancel(&fake, id).await;
@@ -511,10 +415,7 @@ async fn fake_modes_answer_errors_hang_and_recover() {
 
     fake.set_mode(Mode::Status(429));
     let response = post_create(&fake, &valid_body()).await;
-    assert_eq!(
-        response.headers()["retry-after"].to_str().unwrap(),
-        RATE_LIMIT_RETRY_AFTER_SECS.to_string()
-    );
+    assert_eq!(response.headers()["retry-after"].to_str().unwrap(), RATE_LIMIT_RETRY_AFTER_SECS.to_string());
     let error = expect_error(response, 429).await;
     assert_eq!(error["code"], "rate_limit_exceeded");
 
@@ -544,11 +445,7 @@ async fn fake_modes_answer_errors_hang_and_recover() {
 
     fake.set_mode(Mode::Normal);
     assert_eq!(post_create(&fake, &valid_body()).await.status(), 200);
-    assert_eq!(
-        fake.create_count(),
-        6,
-        "every request is recorded, whatever the mode"
-    );
+    assert_eq!(fake.create_count(), 6, "every request is recorded, whatever the mode");
     assert_eq!(fake.created_sessions().len(), 2);
 }
 
@@ -569,21 +466,11 @@ async fn fake_shutdown_refuses_connections() {
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     fake.shutdown().await;
-    let hung = tokio::time::timeout(Duration::from_secs(5), hanging)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        hung.is_err(),
-        "hanging request should fail when the fake shuts down"
-    );
+    let hung = tokio::time::timeout(Duration::from_secs(5), hanging).await.unwrap().unwrap();
+    assert!(hung.is_err(), "hanging request should fail when the fake shuts down");
 
-    let error = client
-        .post(format!("{}/chatkit/sessions", fake.api_base()))
-        .json(&valid_body())
-        .send()
-        .await
-        .unwrap_err();
+    let error =
+        client.post(format!("{}/chatkit/sessions", fake.api_base())).json(&valid_body()).send().await.unwrap_err();
     assert!(error.is_connect(), "{error:?}");
     assert_eq!(fake.create_count(), 2);
 }
@@ -593,11 +480,7 @@ async fn fake_shutdown_refuses_connections() {
 #[tokio::test]
 async fn tls_server_with_test_leaf_accepts_a_client_trusting_the_ca() {
     let pki = TestPki::new();
-    let fake = FakeChatKit::start(FakeOptions {
-        tls: Some(pki.leaf().clone()),
-        ..Default::default()
-    })
-    .await;
+    let fake = FakeChatKit::start(FakeOptions { tls: Some(pki.leaf().clone()), ..Default::default() }).await;
     assert!(fake.api_base().starts_with("https://127.0.0.1:"));
 
     for http2 in [false, true] {
@@ -610,46 +493,25 @@ async fn tls_server_with_test_leaf_accepts_a_client_trusting_the_ca() {
             .send()
             .await
             .unwrap();
-        let expected = if http2 {
-            reqwest::Version::HTTP_2
-        } else {
-            reqwest::Version::HTTP_11
-        };
+        let expected = if http2 { reqwest::Version::HTTP_2 } else { reqwest::Version::HTTP_11 };
         assert_eq!(response.version(), expected);
         assert_eq!(response.status(), 200);
         // Also by name: the leaf is valid for localhost.
         let url = fake.api_base().replace("127.0.0.1", "localhost");
-        let response = client
-            .post(format!("{url}/chatkit/sessions"))
-            .send()
-            .await
-            .unwrap();
+        let response = client.post(format!("{url}/chatkit/sessions")).send().await.unwrap();
         assert_eq!(response.status(), 401);
     }
 
     // A client trusting another CA fails the handshake.
     let other = TestPki::new();
-    let error = certs::reqwest_client(&other.ca_pem(), false)
-        .get(fake.api_base())
-        .send()
-        .await
-        .unwrap_err();
+    let error = certs::reqwest_client(&other.ca_pem(), false).get(fake.api_base()).send().await.unwrap_err();
     assert!(error.is_connect(), "{error:?}");
 
     // The raw handshake helper sees the leaf, and ALPN negotiates as offered.
-    assert_eq!(
-        certs::peer_cert_der(fake.addr(), &pki.ca_pem()).await,
-        pki.leaf().cert_der
-    );
-    let stream = certs::tls_connect(fake.addr(), "127.0.0.1", &pki.ca_pem(), &["h2"])
-        .await
-        .unwrap();
+    assert_eq!(certs::peer_cert_der(fake.addr(), &pki.ca_pem()).await, pki.leaf().cert_der);
+    let stream = certs::tls_connect(fake.addr(), "127.0.0.1", &pki.ca_pem(), &["h2"]).await.unwrap();
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    assert!(
-        certs::tls_connect(fake.addr(), "localhost", &other.ca_pem(), &[])
-            .await
-            .is_err()
-    );
+    assert!(certs::tls_connect(fake.addr(), "localhost", &other.ca_pem(), &[]).await.is_err());
 }
 
 #[tokio::test]
@@ -663,18 +525,9 @@ async fn test_pki_leaves_are_distinguishable_and_written_as_pem() {
 
     let (_, parsed) = x509_parser::parse_x509_certificate(&second.cert_der).unwrap();
     assert_eq!(parsed.serial.to_bytes_be(), second.serial);
-    let cn = parsed
-        .subject()
-        .iter_common_name()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap();
+    let cn = parsed.subject().iter_common_name().next().unwrap().as_str().unwrap();
     assert_eq!(cn, "second.test");
-    assert_eq!(
-        parsed.validity().not_after.timestamp(),
-        second.not_after_unix
-    );
+    assert_eq!(parsed.validity().not_after.timestamp(), second.not_after_unix);
     assert!(parsed.validity().is_valid());
 
     let dir = tempfile::tempdir().unwrap();
@@ -683,26 +536,13 @@ async fn test_pki_leaves_are_distinguishable_and_written_as_pem() {
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
     assert_eq!(chain, vec![pki.leaf().cert_der.clone(), pki.ca_der()]);
-    let key = rustls_pemfile::private_key(&mut std::fs::read(&key_path).unwrap().as_slice())
-        .unwrap()
-        .unwrap();
+    let key = rustls_pemfile::private_key(&mut std::fs::read(&key_path).unwrap().as_slice()).unwrap().unwrap();
     assert_eq!(key.secret_der(), pki.leaf().key_der().secret_der());
 
     // Rotating: the same paths now hold the second leaf, and a server built from it serves it.
     let (cert_path2, _) = second.write_to(dir.path());
     assert_eq!(cert_path2, cert_path);
-    assert!(
-        std::fs::read_to_string(&cert_path)
-            .unwrap()
-            .starts_with(&second.cert_pem)
-    );
-    let fake = FakeChatKit::start(FakeOptions {
-        tls: Some(second.clone()),
-        ..Default::default()
-    })
-    .await;
-    assert_eq!(
-        certs::peer_cert_der(fake.addr(), &pki.ca_pem()).await,
-        second.cert_der
-    );
+    assert!(std::fs::read_to_string(&cert_path).unwrap().starts_with(&second.cert_pem));
+    let fake = FakeChatKit::start(FakeOptions { tls: Some(second.clone()), ..Default::default() }).await;
+    assert_eq!(certs::peer_cert_der(fake.addr(), &pki.ca_pem()).await, second.cert_der);
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::net::TcpStream;
@@ -57,18 +57,11 @@ impl TestPki {
         install_crypto_provider();
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "chatkit-gate test CA");
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "chatkit-gate tests");
+        params.distinguished_name.push(DnType::CommonName, "chatkit-gate test CA");
+        params.distinguished_name.push(DnType::OrganizationName, "chatkit-gate tests");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let ((y, m, d), _) = date_from_today(-1);
         params.not_before = rcgen::date_time_ymd(y, m, d);
         params.not_after = rcgen::date_time_ymd(2099, 1, 1);
@@ -172,11 +165,7 @@ pub fn reqwest_client(ca_pem: &str, http2: bool) -> reqwest::Client {
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(10));
-    let builder = if http2 {
-        builder.http2_prior_knowledge()
-    } else {
-        builder.http1_only()
-    };
+    let builder = if http2 { builder.http2_prior_knowledge() } else { builder.http1_only() };
     builder.build().expect("build reqwest client")
 }
 
@@ -185,13 +174,9 @@ pub fn client_config(ca_pem: &str, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots
-            .add(cert.expect("parse CA PEM"))
-            .expect("add CA to root store");
+        roots.add(cert.expect("parse CA PEM")).expect("add CA to root store");
     }
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Arc::new(config)
 }
@@ -229,10 +214,7 @@ pub async fn peer_cert_der(addr: SocketAddr, ca_pem: &str) -> CertificateDer<'st
 
 /// The UTC date `days` from today, and its midnight as Unix seconds.
 fn date_from_today(days: i64) -> ((i32, u8, u8), i64) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs();
     let day = i64::try_from(now / 86_400).expect("day fits") + days;
     (civil_from_days(day), day * 86_400)
 }
@@ -252,15 +234,11 @@ fn civil_from_days(days: i64) -> (i32, u8, u8) {
 }
 
 fn make_leaf(ca: &CertifiedIssuer<'static, KeyPair>, name: &str) -> Leaf {
-    let mut params =
-        CertificateParams::new(LEAF_NAMES.map(String::from).to_vec()).expect("leaf params");
+    let mut params = CertificateParams::new(LEAF_NAMES.map(String::from).to_vec()).expect("leaf params");
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     let mut serial: [u8; 16] = rand::random();

@@ -53,11 +53,7 @@ pub struct FakeOptions {
 
 impl Default for FakeOptions {
     fn default() -> Self {
-        FakeOptions {
-            api_key: TEST_API_KEY.to_string(),
-            workflows: vec![TEST_WORKFLOW_ID.to_string()],
-            tls: None,
-        }
+        FakeOptions { api_key: TEST_API_KEY.to_string(), workflows: vec![TEST_WORKFLOW_ID.to_string()], tls: None }
     }
 }
 
@@ -93,9 +89,7 @@ pub struct RecordedRequest {
 
 impl RecordedRequest {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(String::as_str)
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
     }
 }
 
@@ -125,14 +119,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl FakeChatKit {
     /// Binds 127.0.0.1:0 and serves HTTP/1.1 and HTTP/2 (HTTPS when `opts.tls` is set).
     pub async fn start(opts: FakeOptions) -> FakeChatKit {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .expect("bind fake ChatKit API");
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind fake ChatKit API");
         let addr = listener.local_addr().expect("local addr");
-        let tls = opts
-            .tls
-            .as_ref()
-            .map(|leaf| TlsAcceptor::from(leaf.server_config()));
+        let tls = opts.tls.as_ref().map(|leaf| TlsAcceptor::from(leaf.server_config()));
         let scheme = if tls.is_some() { "https" } else { "http" };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state = Arc::new(State {
@@ -144,13 +133,7 @@ impl FakeChatKit {
             cancelled: Mutex::new(Vec::new()),
         });
         let accept_task = tokio::spawn(accept_loop(listener, tls, state.clone(), shutdown_rx));
-        FakeChatKit {
-            addr,
-            scheme,
-            state,
-            shutdown,
-            accept_task: Mutex::new(Some(accept_task)),
-        }
+        FakeChatKit { addr, scheme, state, shutdown, accept_task: Mutex::new(Some(accept_task)) }
     }
 
     /// `FakeChatKit::start(FakeOptions::default())`: plain HTTP, [`TEST_API_KEY`],
@@ -197,19 +180,13 @@ impl FakeChatKit {
 
     /// Requests received at the create endpoint (`POST /v1/chatkit/sessions`), any outcome.
     pub fn create_requests(&self) -> Vec<RecordedRequest> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.method == "POST" && r.path == CREATE_PATH)
-            .collect()
+        self.requests().into_iter().filter(|r| r.method == "POST" && r.path == CREATE_PATH).collect()
     }
 
     /// Number of requests received at the create endpoint, whatever their outcome
     /// (`created_sessions().len()` counts the successful ones).
     pub fn create_count(&self) -> usize {
-        lock(&self.state.requests)
-            .iter()
-            .filter(|r| r.method == "POST" && r.path == CREATE_PATH)
-            .count()
+        lock(&self.state.requests).iter().filter(|r| r.method == "POST" && r.path == CREATE_PATH).count()
     }
 
     /// Sessions created successfully, in order, as `chatkit.session` objects with their
@@ -219,17 +196,11 @@ impl FakeChatKit {
     }
 
     pub fn session(&self, id: &str) -> Option<Value> {
-        lock(&self.state.sessions)
-            .iter()
-            .find(|s| s["id"] == id)
-            .cloned()
+        lock(&self.state.sessions).iter().find(|s| s["id"] == id).cloned()
     }
 
     pub fn session_by_secret(&self, client_secret: &str) -> Option<Value> {
-        lock(&self.state.sessions)
-            .iter()
-            .find(|s| s["client_secret"] == client_secret)
-            .cloned()
+        lock(&self.state.sessions).iter().find(|s| s["client_secret"] == client_secret).cloned()
     }
 
     /// Ids of successful cancel calls, in order (a session cancelled twice appears twice).
@@ -292,14 +263,10 @@ async fn serve_connection(stream: TcpStream, tls: Option<TlsAcceptor>, state: Ar
             let Ok(stream) = acceptor.accept(stream).await else {
                 return;
             };
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
         }
         None => {
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
         }
     }
 }
@@ -353,10 +320,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert("content-type", HeaderValue::from_static("application/json"));
-    h.insert(
-        "x-request-id",
-        HeaderValue::from_str(&request_id).expect("request id header"),
-    );
+    h.insert("x-request-id", HeaderValue::from_str(&request_id).expect("request id header"));
     h.insert("openai-version", HeaderValue::from_static("2020-10-01"));
     h.insert("openai-processing-ms", HeaderValue::from_static("42"));
     for (name, value) in extra_headers {
@@ -365,12 +329,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     response
 }
 
-fn route(
-    state: &State,
-    method: &Method,
-    req: &RecordedRequest,
-    raw: &[u8],
-) -> Result<Value, ApiError> {
+fn route(state: &State, method: &Method, req: &RecordedRequest, raw: &[u8]) -> Result<Value, ApiError> {
     let invalid_url = || ApiError::invalid_url(method, &req.path);
     enum Endpoint<'a> {
         Create,
@@ -434,16 +393,11 @@ fn check_auth(state: &State, req: &RecordedRequest) -> Result<(), ApiError> {
 fn mask_key(key: &str) -> String {
     let chars: Vec<char> = key.chars().collect();
     let tail: String = chars[chars.len().saturating_sub(4)..].iter().collect();
-    format!(
-        "{}{tail}",
-        "*".repeat(chars.len().saturating_sub(4).min(40))
-    )
+    format!("{}{tail}", "*".repeat(chars.len().saturating_sub(4).min(40)))
 }
 
 fn check_beta(req: &RecordedRequest) -> Result<(), ApiError> {
-    let ok = req
-        .header("openai-beta")
-        .is_some_and(|v| v.split(',').any(|beta| beta.trim() == "chatkit_beta=v1"));
+    let ok = req.header("openai-beta").is_some_and(|v| v.split(',').any(|beta| beta.trim() == "chatkit_beta=v1"));
     if ok {
         return Ok(());
     }
@@ -562,17 +516,7 @@ struct CreateParams {
 /// Validates a create body against the documented schema. Strict on purpose: an optional
 /// field sent as `null` is a type error (send it or leave it out).
 fn validate_create(body: &Map<String, Value>) -> Result<CreateParams, ApiError> {
-    check_keys(
-        body,
-        "",
-        &[
-            "user",
-            "workflow",
-            "expires_after",
-            "rate_limits",
-            "chatkit_configuration",
-        ],
-    )?;
+    check_keys(body, "", &["user", "workflow", "expires_after", "rate_limits", "chatkit_configuration"])?;
 
     let user = string(required(body, "", "user")?, "user")?;
     if user.is_empty() {
@@ -580,11 +524,7 @@ fn validate_create(body: &Map<String, Value>) -> Result<CreateParams, ApiError> 
     }
 
     let workflow = object(required(body, "", "workflow")?, "workflow")?;
-    check_keys(
-        workflow,
-        "workflow",
-        &["id", "version", "state_variables", "tracing"],
-    )?;
+    check_keys(workflow, "workflow", &["id", "version", "state_variables", "tracing"])?;
     let workflow_id = string(required(workflow, "workflow", "id")?, "workflow.id")?;
     if workflow_id.is_empty() {
         return Err(ApiError::empty_string("workflow.id"));
@@ -624,11 +564,7 @@ fn validate_create(body: &Map<String, Value>) -> Result<CreateParams, ApiError> 
                     }
                     Value::String(_) | Value::Number(_) | Value::Bool(_) => {}
                     other => {
-                        return Err(ApiError::invalid_type(
-                            &path,
-                            "one of a string, a number, or a boolean",
-                            other,
-                        ));
+                        return Err(ApiError::invalid_type(&path, "one of a string, a number, or a boolean", other));
                     }
                 }
             }
@@ -649,10 +585,7 @@ fn validate_create(body: &Map<String, Value>) -> Result<CreateParams, ApiError> 
         Some(v) => {
             let expires = object(v, "expires_after")?;
             check_keys(expires, "expires_after", &["anchor", "seconds"])?;
-            let anchor = string(
-                required(expires, "expires_after", "anchor")?,
-                "expires_after.anchor",
-            )?;
+            let anchor = string(required(expires, "expires_after", "anchor")?, "expires_after.anchor")?;
             if anchor != "created_at" {
                 return Err(ApiError::new(
                     400,
@@ -662,12 +595,7 @@ fn validate_create(body: &Map<String, Value>) -> Result<CreateParams, ApiError> 
                     Some("invalid_value"),
                 ));
             }
-            integer(
-                required(expires, "expires_after", "seconds")?,
-                "expires_after.seconds",
-                1,
-                Some(600),
-            )?
+            integer(required(expires, "expires_after", "seconds")?, "expires_after.seconds", 1, Some(600))?
         }
         None => DEFAULT_EXPIRES_SECONDS,
     };
@@ -689,11 +617,7 @@ fn validate_create(body: &Map<String, Value>) -> Result<CreateParams, ApiError> 
     let (mut history, mut recent_threads) = (true, Value::Null);
     if let Some(v) = body.get("chatkit_configuration") {
         let config = object(v, "chatkit_configuration")?;
-        check_keys(
-            config,
-            "chatkit_configuration",
-            &["automatic_thread_titling", "file_upload", "history"],
-        )?;
+        check_keys(config, "chatkit_configuration", &["automatic_thread_titling", "file_upload", "history"])?;
         if let Some(v) = config.get("automatic_thread_titling") {
             let p = "chatkit_configuration.automatic_thread_titling";
             let t = object(v, p)?;
@@ -744,11 +668,7 @@ fn validate_create(body: &Map<String, Value>) -> Result<CreateParams, ApiError> 
 }
 
 fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_string()
-    } else {
-        format!("{prefix}.{key}")
-    }
+    if prefix.is_empty() { key.to_string() } else { format!("{prefix}.{key}") }
 }
 
 fn check_keys(map: &Map<String, Value>, prefix: &str, allowed: &[&str]) -> Result<(), ApiError> {
@@ -758,11 +678,7 @@ fn check_keys(map: &Map<String, Value>, prefix: &str, allowed: &[&str]) -> Resul
     }
 }
 
-fn required<'a>(
-    map: &'a Map<String, Value>,
-    prefix: &str,
-    key: &str,
-) -> Result<&'a Value, ApiError> {
+fn required<'a>(map: &'a Map<String, Value>, prefix: &str, key: &str) -> Result<&'a Value, ApiError> {
     map.get(key).ok_or_else(|| {
         let path = join(prefix, key);
         ApiError::new(
@@ -776,26 +692,17 @@ fn required<'a>(
 }
 
 fn object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, ApiError> {
-    v.as_object()
-        .ok_or_else(|| ApiError::invalid_type(path, "an object", v))
+    v.as_object().ok_or_else(|| ApiError::invalid_type(path, "an object", v))
 }
 
 fn string<'a>(v: &'a Value, path: &str) -> Result<&'a str, ApiError> {
-    v.as_str()
-        .ok_or_else(|| ApiError::invalid_type(path, "a string", v))
+    v.as_str().ok_or_else(|| ApiError::invalid_type(path, "a string", v))
 }
 
-fn optional_bool(
-    map: &Map<String, Value>,
-    prefix: &str,
-    key: &str,
-) -> Result<Option<bool>, ApiError> {
+fn optional_bool(map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<bool>, ApiError> {
     match map.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_bool()
-            .map(Some)
-            .ok_or_else(|| ApiError::invalid_type(&join(prefix, key), "a boolean", v)),
+        Some(v) => v.as_bool().map(Some).ok_or_else(|| ApiError::invalid_type(&join(prefix, key), "a boolean", v)),
     }
 }
 
@@ -882,13 +789,7 @@ impl ApiError {
     }
 
     fn invalid_url(method: &Method, path: &str) -> ApiError {
-        ApiError::new(
-            404,
-            &format!("Invalid URL ({method} {path})"),
-            "invalid_request_error",
-            None,
-            None,
-        )
+        ApiError::new(404, &format!("Invalid URL ({method} {path})"), "invalid_request_error", None, None)
     }
 
     fn unknown_parameter(path: &str) -> ApiError {
@@ -904,10 +805,7 @@ impl ApiError {
     fn invalid_type(path: &str, expected: &str, got: &Value) -> ApiError {
         ApiError::new(
             400,
-            &format!(
-                "Invalid type for '{path}': expected {expected}, but got {} instead.",
-                kind_of(got)
-            ),
+            &format!("Invalid type for '{path}': expected {expected}, but got {} instead.", kind_of(got)),
             "invalid_request_error",
             Some(path),
             Some("invalid_type"),
@@ -980,10 +878,7 @@ impl ApiError {
                     ("retry-after", RATE_LIMIT_RETRY_AFTER_SECS.to_string()),
                     ("x-ratelimit-limit-requests", "60".to_string()),
                     ("x-ratelimit-remaining-requests", "0".to_string()),
-                    (
-                        "x-ratelimit-reset-requests",
-                        format!("{RATE_LIMIT_RETRY_AFTER_SECS}s"),
-                    ),
+                    ("x-ratelimit-reset-requests", format!("{RATE_LIMIT_RETRY_AFTER_SECS}s")),
                 ];
                 error
             }
@@ -995,35 +890,20 @@ impl ApiError {
                 None,
             ),
             status if status >= 500 => ApiError::server_error(status),
-            status => ApiError::new(
-                status,
-                "Request failed.",
-                "invalid_request_error",
-                None,
-                None,
-            ),
+            status => ApiError::new(status, "Request failed.", "invalid_request_error", None, None),
         }
     }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs()
 }
 
 fn random_hex(bytes: usize) -> String {
     let mut rng = rand::rng();
-    (0..bytes)
-        .map(|_| format!("{:02x}", rng.random::<u8>()))
-        .collect()
+    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
 }
 
 fn random_alphanumeric(len: usize) -> String {
-    rand::rng()
-        .sample_iter(rand::distr::Alphanumeric)
-        .take(len)
-        .map(char::from)
-        .collect()
+    rand::rng().sample_iter(rand::distr::Alphanumeric).take(len).map(char::from).collect()
 }

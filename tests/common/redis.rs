@@ -60,12 +60,7 @@ impl RedisServer {
                 .prefix("chatkit-gate-redis-")
                 .tempdir()
                 .expect("create temp dir for redis-server");
-            let mut server = RedisServer {
-                port,
-                dir,
-                extra_args: extra_args.clone(),
-                process: None,
-            };
+            let mut server = RedisServer { port, dir, extra_args: extra_args.clone(), process: None };
             match server.spawn_and_wait() {
                 Ok(()) => return server,
                 Err(StartError::PortTaken(log)) => last_error = log,
@@ -89,12 +84,7 @@ impl RedisServer {
             "--cluster-node-timeout".to_string(),
             "5000".to_string(),
         ];
-        let mut server = RedisServer {
-            port,
-            dir,
-            extra_args,
-            process: None,
-        };
+        let mut server = RedisServer { port, dir, extra_args, process: None };
         server.spawn_and_wait()?;
         Ok(server)
     }
@@ -185,9 +175,7 @@ impl RedisServer {
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
         let mut con = self.connection().await;
-        cmd.query_async(&mut con)
-            .await
-            .unwrap_or_else(|e| panic!("redis at {}: {e}", self.url()))
+        cmd.query_async(&mut con).await.unwrap_or_else(|e| panic!("redis at {}: {e}", self.url()))
     }
 
     fn log_path(&self) -> PathBuf {
@@ -341,10 +329,7 @@ impl RedisCluster {
         for port in ports {
             nodes.push(RedisServer::start_cluster_node(port)?);
         }
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let output = Command::new(REDIS_CLI)
             .arg("--cluster")
             .arg("create")
@@ -352,9 +337,7 @@ impl RedisCluster {
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
-            .unwrap_or_else(|e| {
-                panic!("run `{REDIS_CLI} --cluster create` (is redis-tools installed?): {e}")
-            });
+            .unwrap_or_else(|e| panic!("run `{REDIS_CLI} --cluster create` (is redis-tools installed?): {e}"));
         if !output.status.success() {
             return Err(StartError::Other(format!(
                 "`redis-cli --cluster create {}` failed ({}):\n{}\n{}",
@@ -374,24 +357,21 @@ impl RedisCluster {
         let expected_nodes = format!("cluster_known_nodes:{}", self.nodes.len());
         loop {
             let mut last = String::new();
-            let all_ok =
-                self.nodes
-                    .iter()
-                    .all(|node| match resp_call(node.port, &["CLUSTER", "INFO"]) {
-                        Ok(info) => {
-                            let ok = info.contains("cluster_state:ok")
-                                && info.contains("cluster_slots_ok:16384")
-                                && info.contains(&expected_nodes);
-                            if !ok {
-                                last = format!("node {}:\n{info}", node.port);
-                            }
-                            ok
-                        }
-                        Err(e) => {
-                            last = format!("node {}: {e}", node.port);
-                            false
-                        }
-                    });
+            let all_ok = self.nodes.iter().all(|node| match resp_call(node.port, &["CLUSTER", "INFO"]) {
+                Ok(info) => {
+                    let ok = info.contains("cluster_state:ok")
+                        && info.contains("cluster_slots_ok:16384")
+                        && info.contains(&expected_nodes);
+                    if !ok {
+                        last = format!("node {}:\n{info}", node.port);
+                    }
+                    ok
+                }
+                Err(e) => {
+                    last = format!("node {}: {e}", node.port);
+                    false
+                }
+            });
             if all_ok {
                 return Ok(());
             }
@@ -447,19 +427,13 @@ impl RedisCluster {
 
 fn ensure_installed() {
     static CHECKED: OnceLock<()> = OnceLock::new();
-    CHECKED.get_or_init(|| {
-        match Command::new(REDIS_SERVER)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-        {
-            Ok(status) if status.success() => {}
-            Ok(status) => panic!("`{REDIS_SERVER} --version` failed: {status}"),
-            Err(e) => panic!(
-                "cannot run `{REDIS_SERVER}` ({e}); integration tests need a real Redis: \
+    CHECKED.get_or_init(|| match Command::new(REDIS_SERVER).arg("--version").stdout(Stdio::null()).status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => panic!("`{REDIS_SERVER} --version` failed: {status}"),
+        Err(e) => panic!(
+            "cannot run `{REDIS_SERVER}` ({e}); integration tests need a real Redis: \
                  install it with `apt-get install -y redis-server` (Debian/Ubuntu)"
-            ),
-        }
+        ),
     });
 }
 
@@ -479,10 +453,7 @@ fn free_cluster_ports(count: usize) -> Vec<u16> {
     let mut attempts = 0;
     while ports.len() < count {
         attempts += 1;
-        assert!(
-            attempts < 10_000,
-            "could not find free ports for a redis cluster"
-        );
+        assert!(attempts < 10_000, "could not find free ports for a redis cluster");
         let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)) else {
             continue;
         };
@@ -525,9 +496,7 @@ fn resp_call(port: u16, args: &[&str]) -> std::io::Result<String> {
         Some(("+", rest)) | Some((":", rest)) => Ok(rest.to_string()),
         Some(("-", rest)) => Err(std::io::Error::other(rest.to_string())),
         Some(("$", len)) => {
-            let len: usize = len
-                .parse()
-                .map_err(|_| invalid(format!("bad bulk length {len}")))?;
+            let len: usize = len.parse().map_err(|_| invalid(format!("bad bulk length {len}")))?;
             let mut buf = vec![0; len + 2];
             reader.read_exact(&mut buf)?;
             buf.truncate(len);
