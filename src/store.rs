@@ -2,7 +2,7 @@
 //! ChatKit secret bindings: one multiplexed connection, every call bounded by `redis_timeout`,
 //! and a circuit breaker so a dead Redis costs nothing once it is known to be dead.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -15,9 +15,10 @@ use crate::metrics::Metrics;
 
 /// Consecutive failures that open the breaker.
 const BREAKER_THRESHOLD: u32 = 3;
-/// While the breaker is open, a background task pings Redis this often; requests never wait on
-/// a Redis known to be dead, and readiness recovers even when no traffic arrives (`deny` takes
-/// the pod out of the Service, so requests could not be the probes).
+/// A background task pings Redis this often while the breaker is open, and while no call has
+/// succeeded for as long. Requests never wait on a Redis known to be dead, and the breaker (and
+/// so `/readyz` under `deny`) follows Redis even with no traffic: `deny` takes the pod out of
+/// the Service, so requests could not be the probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Why a store call did not produce an answer.
@@ -72,6 +73,9 @@ struct Inner {
     timeout: Duration,
     /// Consecutive failed calls; the breaker is open at `BREAKER_THRESHOLD` and above.
     failures: AtomicU32,
+    /// Milliseconds since `epoch` of the last successful call (the probe skips a busy Redis).
+    last_ok_ms: AtomicU64,
+    epoch: Instant,
     metrics: Metrics,
 }
 
@@ -109,7 +113,14 @@ impl RedisStore {
             }
         };
         let store = RedisStore {
-            inner: Arc::new(Inner { conn: Mutex::new(None), timeout, failures: AtomicU32::new(0), metrics }),
+            inner: Arc::new(Inner {
+                conn: Mutex::new(None),
+                timeout,
+                failures: AtomicU32::new(0),
+                last_ok_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+                metrics,
+            }),
         };
         tokio::spawn(connect(connector, Arc::downgrade(&store.inner), timeout));
         tokio::spawn(probe(Arc::downgrade(&store.inner)));
@@ -205,6 +216,7 @@ impl Inner {
     /// Count a call's outcome; logs only when the breaker changes state.
     fn record(&self, ok: bool) {
         if ok {
+            self.last_ok_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
             if self.failures.swap(0, Ordering::Relaxed) >= BREAKER_THRESHOLD {
                 tracing::info!("redis reachable again; circuit breaker closed");
             }
@@ -254,21 +266,22 @@ async fn connect(connector: Connector, weak: Weak<Inner>, timeout: Duration) {
     }
 }
 
-/// While the breaker is open, PING Redis every `PROBE_INTERVAL`; the first answer closes it.
+/// PING Redis every `PROBE_INTERVAL` while the breaker is open (the first answer closes it) or
+/// no call succeeded within the interval (so a Redis that dies while idle is noticed).
 async fn probe(weak: Weak<Inner>) {
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(inner) = weak.upgrade() else { return };
-        if !inner.breaker_open() {
+        let idle_ms =
+            (inner.epoch.elapsed().as_millis() as u64).saturating_sub(inner.last_ok_ms.load(Ordering::Relaxed));
+        if !inner.breaker_open() && idle_ms < PROBE_INTERVAL.as_millis() as u64 {
             continue;
         }
         let Some(mut conn) = inner.connection() else { continue };
-        let started = Instant::now();
         let ping = redis::cmd("PING");
         let result = tokio::time::timeout(inner.timeout, ping.query_async::<Value>(&mut conn)).await;
-        inner.metrics.redis_duration.observe(started.elapsed().as_secs_f64());
         inner.record(matches!(result, Ok(Ok(_))));
     }
 }

@@ -4,7 +4,9 @@
 //! by the clients active within a window.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, PoisonError};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{Algo, Check, Outcome};
@@ -12,6 +14,9 @@ use super::{Algo, Check, Outcome};
 /// Most keys held at once. Past it (after sweeping expired ones), a request on a new key is
 /// admitted without being recorded, and that is logged once: better than evicting live counts.
 const MAX_KEYS: usize = 1_000_000;
+/// Independent parts, each with its own lock, so requests of different clients rarely wait on
+/// each other and no sweep or rehash stalls more than a sixteenth of the store.
+const SHARDS: usize = 16;
 /// How often expired keys are swept (microseconds).
 const SWEEP_EVERY_US: i64 = 1_000_000;
 
@@ -31,15 +36,17 @@ struct Entry {
 }
 
 #[derive(Debug, Default)]
-struct Inner {
+struct Shard {
     entries: HashMap<String, Entry>,
     next_sweep_us: i64,
-    full_logged: bool,
 }
 
 #[derive(Debug)]
 pub(crate) struct LocalStore {
-    inner: Mutex<Inner>,
+    /// Keys go to a shard by their hash tag, so one client's keys usually share a lock.
+    shards: Vec<Mutex<Shard>>,
+    hasher: RandomState,
+    full_logged: AtomicBool,
     epoch: Instant,
 }
 
@@ -52,7 +59,12 @@ enum Reading {
 
 impl LocalStore {
     pub fn new() -> LocalStore {
-        LocalStore { inner: Mutex::new(Inner::default()), epoch: Instant::now() }
+        LocalStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: RandomState::new(),
+            full_logged: AtomicBool::new(false),
+            epoch: Instant::now(),
+        }
     }
 
     pub fn check(&self, checks: &[Check<'_>]) -> Vec<Outcome> {
@@ -62,18 +74,26 @@ impl LocalStore {
 
     /// `check` at a given time (microseconds since the store's epoch), so tests control time.
     pub fn check_at(&self, checks: &[Check<'_>], now: i64) -> Vec<Outcome> {
-        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let inner = &mut *guard;
-        if now >= inner.next_sweep_us {
-            inner.entries.retain(|_, e| e.expires_us > now);
-            inner.next_sweep_us = now + SWEEP_EVERY_US;
+        // Lock every shard the request touches, in index order (no deadlock), for the whole
+        // check: the request's policies are decided atomically, as in the Lua script.
+        let ids: Vec<usize> = checks.iter().map(|c| self.hasher.hash_one(c.tag()) as usize % SHARDS).collect();
+        let mut order = ids.clone();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
+            order.iter().map(|&i| (i, self.shards[i].lock().unwrap_or_else(PoisonError::into_inner))).collect();
+        for (_, shard) in &mut guards {
+            if now >= shard.next_sweep_us {
+                shard.entries.retain(|_, e| e.expires_us > now);
+                shard.next_sweep_us = now + SWEEP_EVERY_US;
+            }
         }
 
         // Pass 1: read, dropping what aged out.
         let mut readings = Vec::with_capacity(checks.len());
         let mut admit = true;
-        for c in checks {
-            let live = inner.entries.get_mut(c.key.as_str()).filter(|e| e.expires_us > now);
+        for (i, c) in checks.iter().enumerate() {
+            let live = shard_mut(&mut guards, ids[i]).entries.get_mut(c.key.as_str()).filter(|e| e.expires_us > now);
             let reading = match c.policy.algo {
                 Algo::SlidingWindow { limit, window_us } => {
                     let count = match live.map(|e| &mut e.state) {
@@ -102,13 +122,14 @@ impl LocalStore {
 
         // Pass 2: consume when every policy admits, and report.
         let mut outcomes = Vec::with_capacity(checks.len());
-        for (c, reading) in checks.iter().zip(readings) {
+        for (i, (c, reading)) in checks.iter().zip(readings).enumerate() {
+            let inner = shard_mut(&mut guards, ids[i]);
             let outcome = match (c.policy.algo, reading) {
                 (Algo::SlidingWindow { limit, window_us }, Reading::Count(count)) => {
                     let limit = i64::from(limit);
                     let allowed = count < limit;
                     let mut count = count;
-                    if admit && inner.record(&c.key, now) {
+                    if admit && self.may_record(inner, &c.key, now) {
                         let entry = inner
                             .entries
                             .entry(c.key.clone())
@@ -135,7 +156,7 @@ impl LocalStore {
                     let burst = i64::from(burst);
                     let allowed = tat + interval_us - burst * interval_us <= now;
                     let mut tat = tat;
-                    if admit && inner.record(&c.key, now) {
+                    if admit && self.may_record(inner, &c.key, now) {
                         tat += interval_us;
                         inner.entries.insert(c.key.clone(), Entry { state: State::Tat(tat), expires_us: tat });
                     }
@@ -151,29 +172,32 @@ impl LocalStore {
         outcomes
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner).entries.len()
-    }
-}
-
-impl Inner {
-    /// Whether `key` may be written: always for a known key; for a new one, only below
-    /// `MAX_KEYS` (after a sweep). Logs once when the store is full.
-    fn record(&mut self, key: &str, now: i64) -> bool {
-        if self.entries.len() < MAX_KEYS || self.entries.contains_key(key) {
+    /// Whether `key` may be written: always for a known key; for a new one, only while its shard
+    /// holds fewer than its share of `MAX_KEYS` (after a sweep). Logs once when full.
+    fn may_record(&self, shard: &mut Shard, key: &str, now: i64) -> bool {
+        if shard.entries.len() < MAX_KEYS / SHARDS || shard.entries.contains_key(key) {
             return true;
         }
-        self.entries.retain(|_, e| e.expires_us > now);
-        if self.entries.len() < MAX_KEYS {
+        shard.entries.retain(|_, e| e.expires_us > now);
+        if shard.entries.len() < MAX_KEYS / SHARDS {
             return true;
         }
-        if !self.full_logged {
-            self.full_logged = true;
+        if !self.full_logged.swap(true, Ordering::Relaxed) {
             tracing::warn!(max_keys = MAX_KEYS, "in-process rate-limit store full; new clients pass uncounted");
         }
         false
     }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).entries.len()).sum()
+    }
+}
+
+/// The locked shard `id` (always among `guards`: they were taken for exactly these ids).
+fn shard_mut<'a>(guards: &'a mut [(usize, MutexGuard<'_, Shard>)], id: usize) -> &'a mut Shard {
+    let pos = guards.iter().position(|(i, _)| *i == id).unwrap_or(0);
+    &mut guards[pos].1
 }
 
 fn micros(us: i64) -> Duration {

@@ -335,10 +335,10 @@ impl RateLimiter {
     }
 
     fn plan<'a>(&'a self, route: &Route) -> Result<Cow<'a, Plan>, GateError> {
-        if let Some(Some(plan)) = self.plans.get(route.index) {
-            if plan.names == route.rate_limit {
-                return Ok(Cow::Borrowed(plan));
-            }
+        if let Some(Some(plan)) = self.plans.get(route.index)
+            && plan.names == route.rate_limit
+        {
+            return Ok(Cow::Borrowed(plan));
         }
         // A route this limiter was not built with (tests, or a table rebuilt since).
         build_plan(&self.policies, &route.rate_limit).map(Cow::Owned).map_err(|name| {
