@@ -92,27 +92,34 @@ impl GateError {
     }
 
     pub fn into_response(self) -> Response<GateBody> {
+        self.to_response()
+    }
+
+    /// The answer for this error (the error itself is kept for the log line).
+    pub fn to_response(&self) -> Response<GateBody> {
         let status = self.status();
         if let GateError::LoginRedirect(location) = self {
             let mut resp = Response::new(GateBody::empty());
             *resp.status_mut() = status;
-            resp.headers_mut().insert(LOCATION, location);
+            resp.headers_mut().insert(LOCATION, location.clone());
             resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
             return resp;
         }
         let mut body = serde_json::json!({ "error": self.public_message() });
-        if let GateError::TooManyRequests { retry_after, .. } = &self {
+        if let GateError::TooManyRequests { retry_after, .. } = self {
             body["retryAfter"] = (*retry_after).into();
         }
         let mut resp = json_response(status, &body);
         let headers = resp.headers_mut();
         match self {
             GateError::TooManyRequests { retry_after, headers: extra } => {
-                headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
-                headers.extend(extra);
+                headers.insert(RETRY_AFTER, HeaderValue::from((*retry_after).max(1)));
+                for (name, value) in extra {
+                    headers.append(name, value.clone());
+                }
             }
             GateError::ChatKitRateLimited(secs) => {
-                headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                headers.insert(RETRY_AFTER, HeaderValue::from((*secs).max(1)));
             }
             GateError::AuthUnavailable | GateError::RateLimitUnavailable | GateError::ChatKitNotConfigured(_) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));

@@ -2,16 +2,24 @@
 //! rate limits and OpenAI ChatKit session minting in front of any web app.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod chatkit;
+pub mod cli;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod https;
 pub mod metrics;
+pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
+pub mod server;
 pub mod store;
 pub mod tls;
 pub mod upstream;
+
+pub use config::Config;
+pub use server::{Listeners, run};

@@ -222,12 +222,11 @@ pub struct Forwarded<'a> {
 /// Set `Host`, `X-Forwarded-For/-Proto/-Host` and `X-Request-Id` on a request to the app.
 pub fn set_forwarding_headers(headers: &mut HeaderMap, uri: &Uri, f: &Forwarded<'_>) {
     // HTTP/2 clients send :authority instead of Host; the app gets the host the client asked for.
-    if !headers.contains_key(HOST) {
-        if let Some(a) = uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                headers.insert(HOST, v);
-            }
-        }
+    if !headers.contains_key(HOST)
+        && let Some(a) = uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        headers.insert(HOST, v);
     }
     let peer_ip = canonical(f.peer.ip());
     if f.peer_trusted {
@@ -237,16 +236,16 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, uri: &Uri, f: &Forwarded<
             headers.insert(&X_FORWARDED_FOR, v);
         }
     } else {
-        headers.insert(&X_FORWARDED_FOR, HeaderValue::from(peer_ip_value(peer_ip)));
+        headers.insert(&X_FORWARDED_FOR, peer_ip_value(peer_ip));
         headers.remove(&X_FORWARDED_HOST);
     }
     if !(f.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) || f.https {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if f.https { "https" } else { "http" }));
     }
-    if !headers.contains_key(&X_FORWARDED_HOST) {
-        if let Some(host) = headers.get(HOST).cloned() {
-            headers.insert(&X_FORWARDED_HOST, host);
-        }
+    if !headers.contains_key(&X_FORWARDED_HOST)
+        && let Some(host) = headers.get(HOST).cloned()
+    {
+        headers.insert(&X_FORWARDED_HOST, host);
     }
     headers.insert(&X_REQUEST_ID, f.request_id.clone());
 }

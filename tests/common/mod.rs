@@ -1,3 +1,5 @@
 pub mod certs;
 pub mod fake_openai;
+pub mod gate;
 pub mod redis;
+pub mod upstream;

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Plain-proxy throughput: chatkit-gate vs nginx, same machine, same backend, same TLS cert,
+# same client (wrk over HTTPS, HTTP/1.1 keep-alive). Loopback only.
+#
+#   bench/proxy-vs-nginx.sh [duration=10s] [connections=64]
+#
+# Needs: nginx, wrk, openssl (apt-get install -y nginx wrk openssl); builds the gate in release.
+# Access logs are off on both sides (the gate at --log-level warn) so the log sink is not measured.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION="${1:-10s}"
+CONNS="${2:-64}"
+THREADS=1
+TMP="$(mktemp -d)"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+for bin in nginx wrk openssl; do command -v "$bin" >/dev/null || { echo "missing $bin"; exit 1; }; done
+cargo build --release --quiet
+GATE="${CARGO_TARGET_DIR:-target}/release/chatkit-gate"
+
+openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost -days 1 \
+    -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+
+# Backend: nginx answering a small body, shared by both proxies.
+cat > "$TMP/backend.conf" <<NGX
+worker_processes 1; daemon off; pid $TMP/backend.pid; error_log $TMP/backend.err;
+events { worker_connections 4096; }
+http { access_log off;
+  server { listen 127.0.0.1:18080; keepalive_requests 100000;
+    location / { return 200 "hello from the backend\n"; } } }
+NGX
+nginx -c "$TMP/backend.conf" -p "$TMP" & PIDS+=($!)
+
+# nginx as the TLS reverse proxy (pooled keep-alive upstream, as operators configure it).
+cat > "$TMP/proxy.conf" <<NGX
+worker_processes 1; daemon off; pid $TMP/proxy.pid; error_log $TMP/proxy.err;
+events { worker_connections 4096; }
+http { access_log off;
+  upstream app { server 127.0.0.1:18080; keepalive 64; }
+  server { listen 127.0.0.1:18443 ssl http2; ssl_certificate $TMP/cert.pem; ssl_certificate_key $TMP/key.pem;
+    keepalive_requests 100000;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto https; } } }
+NGX
+nginx -c "$TMP/proxy.conf" -p "$TMP" & PIDS+=($!)
+
+cat > "$TMP/gate.toml" <<TOML
+[server]
+listen = "127.0.0.1:19443"
+[tls]
+cert_file = "$TMP/cert.pem"
+key_file = "$TMP/key.pem"
+[upstream]
+url = "http://127.0.0.1:18080"
+[admin]
+listen = "127.0.0.1:19090"
+TOML
+# One worker thread, like nginx's one worker process: the same CPU budget.
+TOKIO_WORKER_THREADS=1 "$GATE" --config "$TMP/gate.toml" --log-level warn & PIDS+=($!)
+sleep 1
+
+run() {
+    local name="$1" url="$2"
+    wrk -t"$THREADS" -c"$CONNS" -d2s "$url" >/dev/null 2>&1 || true   # warm up
+    echo "== $name ($url, $CONNS connections, $DURATION)"
+    wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$url" | grep -E 'Requests/sec|Latency|50%|99%|Non-2xx'
+}
+run "nginx proxy" "https://127.0.0.1:18443/"
+run "chatkit-gate" "https://127.0.0.1:19443/"

@@ -1,0 +1,95 @@
+//! The command line: `chatkit-gate --config PATH`, `chatkit-gate check --config PATH`, logging.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::chatkit::ChatKit;
+use crate::config::{Config, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chatkit-gate",
+    version,
+    about = "TLS, forward auth, rate limits and ChatKit sessions in front of any web app"
+)]
+pub struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short = 'c', env = "CHATKIT_GATE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format (overrides log.format).
+    #[arg(long, value_enum, global = true)]
+    pub log_format: Option<CliLogFormat>,
+    /// Log level or filter, e.g. "info" or "chatkit_gate=debug" (overrides log.level).
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration and the secrets and files it names; exit 1 on any problem.
+    Check,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CliLogFormat {
+    Json,
+    Text,
+}
+
+/// Set up the global tracing subscriber (stdout).
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Apply command-line overrides to the file's `[log]` settings.
+pub fn log_settings(cli: &Cli, config: Option<&Config>) -> (LogFormat, String) {
+    let format = match cli.log_format {
+        Some(CliLogFormat::Json) => LogFormat::Json,
+        Some(CliLogFormat::Text) => LogFormat::Text,
+        None => config.map_or(LogFormat::Json, |c| c.log.format),
+    };
+    let level = cli.log_level.clone().unwrap_or_else(|| config.map_or_else(|| "info".into(), |c| c.log.level.clone()));
+    (format, level)
+}
+
+/// Everything `check` finds beyond the file itself: certificates, secrets, files it names.
+/// Each problem is `(key, message)`.
+pub fn check_environment(config: &Config) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    crate::tls::install_default_provider();
+    if let Err(e) = crate::tls::load(&config.tls) {
+        let key = match &e {
+            crate::tls::TlsError::NoKey(_) => "tls.key_file",
+            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Pem { path, .. } if matches!(&config.tls.source, crate::config::TlsSource::Files { key_file, .. } if key_file.display().to_string() == *path) => {
+                "tls.key_file"
+            }
+            _ => "tls.cert_file",
+        };
+        problems.push((key.to_string(), e.to_string()));
+    }
+    if let Some(auth) = &config.auth
+        && let Some(ca) = &auth.ca_file
+        && let Err(e) = std::fs::read(ca)
+    {
+        problems.push(("auth.ca_file".into(), format!("{}: {e}", ca.display())));
+    }
+    if let Some(ck) = &config.chatkit {
+        problems.extend(ChatKit::check(ck));
+    }
+    if let Some(path) = &config.log.audit_file {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            problems.push(("log.audit_file".into(), format!("directory {} does not exist", dir.display())));
+        }
+    }
+    problems
+}

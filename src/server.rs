@@ -1,0 +1,309 @@
+//! Listeners and connections: accept loops with a connection limit, TLS handshakes with a
+//! timeout, HTTP/1.1 + HTTP/2 serving with header and idle timeouts, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{Admin, Readiness};
+use crate::audit::{Audit, AuditSink};
+use crate::auth::Authenticator;
+use crate::chatkit::ChatKit;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::{ConnActivity, Gateway};
+use crate::ratelimit::RateLimiter;
+use crate::routes::RouteTable;
+use crate::store::RedisStore;
+use crate::tls;
+
+/// The sockets the gate serves, bound by the caller (tests bind port 0).
+pub struct Listeners {
+    pub https: TcpListener,
+    pub plain: Option<TcpListener>,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Bind the configured addresses.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let https = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("server.listen: cannot bind {}", config.server.listen))?;
+        let plain = match config.server.redirect_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr).await.with_context(|| format!("server.redirect_listen: cannot bind {addr}"))?,
+            ),
+            None => None,
+        };
+        let admin = TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("admin.listen: cannot bind {}", config.admin.listen))?;
+        Ok(Listeners { https, plain, admin })
+    }
+}
+
+/// Run the gate until `shutdown` resolves, then drain for up to `server.shutdown_grace`.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    tls::install_default_provider();
+    let metrics = Metrics::new().context("metrics registry")?;
+    let tls = tls::start(&config.tls, &metrics).context("tls")?;
+    let sink = match &config.log.audit_file {
+        Some(path) => AuditSink::File(path.clone()),
+        None => AuditSink::Stdout,
+    };
+    let audit = Audit::start(sink, metrics.clone()).context("log.audit_file")?;
+    let routes = RouteTable::new(&config);
+    let store = match &config.rate_limit {
+        Some(rl) => RedisStore::start(&rl.store, rl.redis_timeout, metrics.clone())?,
+        None => None,
+    };
+    let auth = match &config.auth {
+        Some(a) => Some(Authenticator::new(a, metrics.clone(), audit.clone()).context("auth")?),
+        None => None,
+    };
+    let limiter = match &config.rate_limit {
+        Some(rl) => Some(
+            RateLimiter::new(rl, routes.all(), store.clone(), metrics.clone(), audit.clone()).context("rate_limit")?,
+        ),
+        None => None,
+    };
+    let chatkit = match &config.chatkit {
+        Some(ck) => Some(ChatKit::new(ck, store.clone(), metrics.clone(), audit.clone()).context("chatkit")?),
+        None => None,
+    };
+    let gateway = Arc::new(Gateway::new(&config, metrics.clone(), auth, limiter, chatkit, routes)?);
+    let readiness = Arc::new(Readiness::default());
+    let admin = Arc::new(Admin { readiness: readiness.clone(), metrics: metrics.clone(), gateway: gateway.clone() });
+
+    let http = Arc::new(http_builder(&config));
+    let stop_accepting = CancellationToken::new();
+    let drain = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(config.server.max_connections));
+
+    let addrs = (listeners.https.local_addr()?, listeners.plain.as_ref().map(|l| l.local_addr()).transpose()?);
+    let ctx = Arc::new(ConnCtx {
+        gateway: gateway.clone(),
+        http,
+        drain: drain.clone(),
+        idle_timeout: config.server.idle_timeout,
+        handshake_timeout: config.tls.handshake_timeout,
+    });
+    let mut accept_loops = Vec::new();
+    accept_loops.push(tokio::spawn(accept_loop(
+        listeners.https,
+        Some(tls),
+        ctx.clone(),
+        limit.clone(),
+        stop_accepting.clone(),
+        connections.clone(),
+    )));
+    if let Some(plain) = listeners.plain {
+        accept_loops.push(tokio::spawn(accept_loop(
+            plain,
+            None,
+            ctx.clone(),
+            limit.clone(),
+            stop_accepting.clone(),
+            connections.clone(),
+        )));
+    }
+    let admin_addr = listeners.admin.local_addr()?;
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin_loop(listeners.admin, admin.clone(), admin_stop.clone()));
+    readiness.started.store(true, Ordering::Release);
+    tracing::info!(
+        https = %addrs.0,
+        redirect = ?addrs.1,
+        admin = %admin_addr,
+        version = env!("CARGO_PKG_VERSION"),
+        "chatkit-gate listening"
+    );
+
+    shutdown.await;
+    let grace = config.server.shutdown_grace;
+    tracing::info!(grace_ms = grace.as_millis() as u64, "shutdown requested: draining");
+    readiness.draining.store(true, Ordering::Release);
+    stop_accepting.cancel();
+    for l in accept_loops {
+        let _ = l.await;
+    }
+    drain.cancel();
+    connections.close();
+    gateway.tunnels.close();
+    let drained = tokio::time::timeout(grace, async {
+        connections.wait().await;
+        gateway.tunnels.wait().await;
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("drained; exiting"),
+        Err(_) => tracing::warn!(
+            open_connections = connections.len(),
+            open_tunnels = gateway.tunnels.len(),
+            "shutdown_grace elapsed with connections still open; closing them"
+        ),
+    }
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    Ok(())
+}
+
+fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.server.header_timeout)
+        .max_buf_size(config.server.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(config.server.max_header_bytes as u32)
+        .max_concurrent_streams(250)
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+struct ConnCtx {
+    gateway: Arc<Gateway>,
+    http: Arc<auto::Builder<TokioExecutor>>,
+    drain: CancellationToken,
+    idle_timeout: Duration,
+    handshake_timeout: Duration,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<watch::Receiver<Arc<ServerConfig>>>,
+    ctx: Arc<ConnCtx>,
+    limit: Arc<Semaphore>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        // Past max_connections we stop accepting: new clients wait in the kernel's queue.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            () = stop.cancelled() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let tls = tls.as_ref().map(|rx| rx.borrow().clone());
+        tracker.spawn(async move {
+            let _permit = permit;
+            ctx.gateway.metrics.connections_open.inc();
+            match tls {
+                Some(config) => serve_tls(stream, peer, config, &ctx).await,
+                None => serve_connection(stream, peer, false, &ctx).await,
+            }
+            ctx.gateway.metrics.connections_open.dec();
+        });
+    }
+}
+
+async fn serve_tls(stream: TcpStream, peer: SocketAddr, config: Arc<ServerConfig>, ctx: &ConnCtx) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(stream)) => r,
+        () = ctx.drain.cancelled() => return,
+    };
+    match handshake {
+        Ok(Ok(tls)) => serve_connection(tls, peer, true, ctx).await,
+        Ok(Err(e)) => {
+            ctx.gateway.metrics.tls_handshake_errors.inc();
+            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            ctx.gateway.metrics.tls_handshake_errors.inc();
+            tracing::debug!(peer = %peer, "TLS handshake timed out");
+        }
+    }
+}
+
+async fn serve_connection<I>(io: I, peer: SocketAddr, tls: bool, ctx: &ConnCtx)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let gateway = ctx.gateway.clone();
+    let activity = Arc::new(ConnActivity::default());
+    activity.touch(gateway.clock.now_ms());
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req| gateway.clone().serve(req, peer, tls, activity.clone()))
+    };
+    let conn = ctx.http.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let idle_ms = ctx.idle_timeout.as_millis() as u64;
+    let mut tick = tokio::time::interval((ctx.idle_timeout / 4).max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %peer, error = %e, "connection ended with error");
+                }
+                return;
+            }
+            () = ctx.drain.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick(), if !closing => {
+                if activity.idle_ms(ctx.gateway.clock.now_ms()).is_some_and(|ms| ms >= idle_ms) {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+async fn admin_loop(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    let http = hyper::server::conn::http1::Builder::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let admin = admin.clone();
+        let conn = http.serve_connection(TokioIo::new(stream), service_fn(move |req| admin.clone().serve(req)));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}

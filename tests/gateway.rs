@@ -1,0 +1,456 @@
+//! The gateway core, end to end: real sockets, real TLS, a real app behind the gate.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::certs;
+use common::gate::GateBuilder;
+use common::upstream::FakeApp;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn https_get_reaches_the_app_over_http1_and_http2() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).start().await;
+
+    let r = gate.client().get(gate.url("/status/201")).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.status(), 201);
+    assert!(r.headers().contains_key("x-request-id"));
+    assert_eq!(r.headers()["strict-transport-security"], "max-age=31536000; includeSubDomains");
+    assert_eq!(r.text().await.unwrap(), "status 201");
+
+    let r = gate.client_h2().get(gate.url("/hello?x=1")).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "hello from app");
+    let seen = app.last();
+    assert_eq!(seen.uri, "/hello?x=1");
+    // The app gets the host the client asked for, from :authority.
+    assert_eq!(seen.headers["host"], format!("127.0.0.1:{}", gate.https.port()));
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set_and_hop_by_hop_removed() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).start().await;
+    let r = gate
+        .client()
+        .get(gate.url("/echo"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-host", "evil.example")
+        .header("connection", "x-client-hop")
+        .header("x-client-hop", "secret")
+        .header("x-request-id", "client-req-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "client-req-1");
+    let seen = app.last();
+    // Untrusted peer: its X-Forwarded-For is not believed.
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-host"], format!("127.0.0.1:{}", gate.https.port()));
+    assert_eq!(seen.headers["x-request-id"], "client-req-1");
+    assert!(!seen.headers.contains_key("x-client-hop"));
+
+    let r = gate.client().get(gate.url("/hop")).send().await.unwrap();
+    assert!(!r.headers().contains_key("x-app-hop"));
+    assert!(!r.headers().contains_key("keep-alive"));
+}
+
+#[tokio::test]
+async fn app_hsts_header_is_kept() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).start().await;
+    let r = gate.client().get(gate.url("/own-hsts")).send().await.unwrap();
+    assert_eq!(r.headers()["strict-transport-security"], "max-age=60");
+}
+
+#[tokio::test]
+async fn sse_events_arrive_before_the_app_finishes() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).start().await;
+    let r = gate.client().get(gate.url("/sse")).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut stream = r.bytes_stream();
+    // The app holds event two back until we have seen event one: if the gate buffered the
+    // stream, this would time out.
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("first event in time");
+    assert_eq!(&first.unwrap().unwrap()[..], b"data: one\n\n");
+    app.release_sse();
+    let second = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap();
+    assert_eq!(&second.unwrap().unwrap()[..], b"data: two\n\n");
+    assert!(tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn large_upload_streams_through() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).start().await;
+    const TOTAL: usize = 100 * 1024 * 1024;
+    const CHUNK: usize = 64 * 1024;
+    let chunks = futures_util::stream::iter((0..TOTAL / CHUNK).map(|_| Ok::<_, std::io::Error>(vec![7u8; CHUNK])));
+    let r = gate
+        .client()
+        .post(gate.url("/upload"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["bytes"], TOTAL);
+    // Streamed in pieces, never as one 100 MB body.
+    assert!(v["largest_chunk"].as_u64().unwrap() < 4 * 1024 * 1024, "{v}");
+}
+
+#[tokio::test]
+async fn websocket_echo_round_trips_through_the_gate() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).start().await;
+    let tls = certs::tls_connect(gate.https, "localhost", &gate.ca_pem, &["http/1.1"]).await.unwrap();
+    let url = format!("wss://localhost:{}/ws", gate.https.port());
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for msg in ["hello", "second message"] {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(msg)).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(echo.into_text().unwrap().as_str(), msg);
+    }
+    let seen = app.last();
+    assert_eq!(seen.uri, "/ws");
+    assert_eq!(seen.headers["upgrade"], "websocket");
+}
+
+#[tokio::test]
+async fn plain_http_get_redirects_and_post_is_refused() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).server("https_port = 8443").redirect_listener().start().await;
+    let client = reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = client.get(gate.plain_url("/a/b?q=1&x=y")).header("host", "app.example.com:8080").send().await.unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(r.headers()["location"], "https://app.example.com:8443/a/b?q=1&x=y");
+    let r = client.post(gate.plain_url("/login")).body("password=hunter2").send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.text().await.unwrap(), r#"{"error":"HTTPS required"}"#);
+    assert_eq!(app.count(), 0, "nothing from the plain listener reached the app");
+}
+
+#[tokio::test]
+async fn trusted_proxy_with_forwarded_https_is_served_untrusted_is_not() {
+    let app = FakeApp::start().await;
+    let client = reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+
+    let trusted =
+        GateBuilder::new(&app.url()).server("trusted_proxies = [\"127.0.0.1/32\"]").redirect_listener().start().await;
+    let r = client
+        .get(trusted.plain_url("/echo"))
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-for", "198.51.100.7, 127.0.0.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["strict-transport-security"], "max-age=31536000; includeSubDomains");
+    let seen = app.last();
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["x-forwarded-for"], "198.51.100.7, 127.0.0.1, 127.0.0.1");
+
+    let untrusted =
+        GateBuilder::new(&app.url()).server("trusted_proxies = [\"10.0.0.0/8\"]").redirect_listener().start().await;
+    let before = app.count();
+    let r = client.get(untrusted.plain_url("/echo")).header("x-forwarded-proto", "https").send().await.unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(app.count(), before);
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_within_connect_timeout() {
+    let port = common::gate::free_port();
+    let gate = GateBuilder::new(&format!("http://{port}")).upstream("connect_timeout = \"500ms\"").start().await;
+    let started = Instant::now();
+    let r = gate.client().get(gate.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.text().await.unwrap(), r#"{"error":"Upstream unavailable"}"#);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(gate.metrics().await.contains("chatkit_gate_upstream_errors_total{kind=\"connect\"} 1"));
+}
+
+#[tokio::test]
+async fn upstream_hanging_is_504_after_timeout() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).upstream("timeout = \"700ms\"").start().await;
+    let started = Instant::now();
+    let r = gate.client().get(gate.url("/hang")).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.text().await.unwrap(), r#"{"error":"Upstream timed out"}"#);
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_after_header_timeout() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).server("header_timeout = \"1s\"").start().await;
+    let mut tls = certs::tls_connect(gate.https, "localhost", &gate.ca_pem, &["http/1.1"]).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    // The gate must close the connection; we never finish the headers.
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+    let took = started.elapsed();
+    assert!(read.is_ok(), "connection still open after 5s");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(app.count(), 0);
+}
+
+#[tokio::test]
+async fn oversize_headers_get_431() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).start().await;
+    let mut tls = certs::tls_connect(gate.https, "localhost", &gate.ca_pem, &["http/1.1"]).await.unwrap();
+    let big = "a".repeat(64 * 1024);
+    let req = format!("GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {big}\r\n\r\n");
+    let _ = tls.write_all(req.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await.expect("answered, not hung");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert_eq!(app.count(), 0);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).server("idle_timeout = \"500ms\"").start().await;
+    let mut tls = certs::tls_connect(gate.https, "localhost", &gate.ca_pem, &["http/1.1"]).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Keep-alive, no further request (header_timeout is the default 10s): closed by idle_timeout.
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "idle connection still open after 5s");
+    assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn replaced_certificate_is_served_and_a_broken_one_is_ignored() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).tls("reload_interval = \"100ms\"").start().await;
+    let first = certs::peer_cert_der(gate.https, &gate.ca_pem).await;
+    assert_eq!(first, gate.pki.leaf().cert_der);
+
+    let second = gate.pki.leaf_with_cn("rotated.localhost");
+    second.write_to(gate.dir.path());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if certs::peer_cert_der(gate.https, &gate.ca_pem).await == second.cert_der {
+            break;
+        }
+        assert!(Instant::now() < deadline, "new certificate not served within 5s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    std::fs::write(&gate.cert, "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gate.metrics().await.contains("chatkit_gate_tls_reloads_total{result=\"error\"} 1") {
+        assert!(Instant::now() < deadline, "broken certificate never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(certs::peer_cert_der(gate.https, &gate.ca_pem).await, second.cert_der);
+    let r = gate.client().get(gate.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_count_requests_by_route_and_status() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url())
+        .rest("[[routes]]\nname = \"api\"\npath = \"/api/\"\nauth = \"public\"\n")
+        .start()
+        .await;
+    let client = gate.client();
+    for _ in 0..3 {
+        client.get(gate.url("/api/x")).send().await.unwrap();
+    }
+    client.get(gate.url("/status/404")).send().await.unwrap();
+    let (status, text) = gate.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(text.contains("chatkit_gate_http_requests_total{method=\"GET\",route=\"api\",status=\"200\"} 3"), "{text}");
+    assert!(text.contains("chatkit_gate_http_requests_total{method=\"GET\",route=\"default\",status=\"404\"} 1"));
+    assert!(text.contains("chatkit_gate_build_info{version=\""));
+    assert!(text.contains("chatkit_gate_tls_cert_expiry_timestamp_seconds "));
+    assert!(text.contains("process_resident_memory_bytes"));
+
+    let promtool = which("promtool").expect("promtool not found: apt-get install -y prometheus");
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn which(bin: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(bin)).find(|p| p.is_file())
+}
+
+#[tokio::test]
+async fn readyz_and_healthz_answer_on_the_admin_port_only() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).start().await;
+    assert_eq!(gate.admin_get("/healthz").await.0, 200);
+    assert_eq!(gate.admin_get("/readyz").await.0, 200);
+    // The public port proxies /metrics to the app like any other path.
+    let r = gate.client().get(gate.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "hello from app");
+}
+
+#[tokio::test]
+async fn in_process_shutdown_drains_an_in_flight_request() {
+    let app = FakeApp::start().await;
+    let mut gate = GateBuilder::new(&app.url()).server("shutdown_grace = \"5s\"").start().await;
+    let client = gate.client();
+    let url = gate.url("/slow?ms=800");
+    let req = tokio::spawn(async move { client.get(url).send().await.unwrap().text().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(common::gate::admin_get(gate.admin, "/readyz").await.0, 503);
+    assert_eq!(req.await.unwrap(), "slow done");
+    let https = gate.https;
+    gate.join().await.unwrap();
+    assert!(tokio::net::TcpStream::connect(https).await.is_err(), "still accepting after shutdown");
+}
+
+#[test]
+fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt.block_on(FakeApp::start());
+    let mut gate = GateBuilder::new(&app.url()).server("shutdown_grace = \"10s\"").spawn_process();
+    let client = gate.client();
+    let url = gate.url("/slow?ms=1500");
+    let req = rt.spawn(async move {
+        let r = client.get(url).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    gate.signal("TERM");
+    let (status, body) = rt.block_on(req).unwrap();
+    assert_eq!((status, body.as_str()), (200, "slow done"));
+    let exit = gate.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "exit {exit:?}; log:\n{}", gate.logs());
+    let logs = gate.logs();
+    assert!(logs.contains("shutdown requested"), "{logs}");
+    // One access-log line per request, JSON, with the fields operators grep for.
+    let line = logs.lines().find(|l| l.contains("\"route\":\"default\"")).expect("access log line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    for key in ["method", "route", "status", "duration_ms", "request_id", "client_ip"] {
+        assert!(v.get(key).is_some(), "access log lacks {key}: {line}");
+    }
+}
+
+#[test]
+fn check_names_every_bad_key_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:8443\"\nheader_timeout = \"ten seconds\"\nlisten_port = 9\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatkit-gate"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("server.listen_port: unknown key"), "{stderr}");
+    assert!(stderr.contains("server.header_timeout: invalid duration"), "{stderr}");
+}
+
+#[test]
+fn check_reports_missing_certificate_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\ncert_file = \"/nonexistent/tls.crt\"\nkey_file = \"/nonexistent/tls.key\"\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatkit-gate"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tls.cert_file: cannot read /nonexistent/tls.crt"), "{stderr}");
+}
+
+#[test]
+fn example_config_starts_as_is() {
+    // The example binds its documented ports (8443, 8080, 9090 on loopback for admin).
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("gate.log");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let mut child = common::gate::spawn_binary(&["--config", example], &log);
+    let admin: std::net::SocketAddr = "127.0.0.1:9090".parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut ready = false;
+    while Instant::now() < deadline {
+        if rt.block_on(common::gate::admin_get(admin, "/readyz")).0 == 200 {
+            ready = true;
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("exited {status:?}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let status = child.wait().unwrap();
+    assert!(ready, "example config never became ready: {logs}");
+    assert!(logs.contains("self_signed"), "no self-signed warning: {logs}");
+    assert!(status.success(), "exit {status:?}");
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_wait_for_a_free_slot() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).server("max_connections = 1").start().await;
+    let mut first = certs::tls_connect(gate.https, "localhost", &gate.ca_pem, &["http/1.1"]).await.unwrap();
+    first.write_all(b"GET /one HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    // The second connection is not accepted (so not handshaken) while the first is open.
+    let ca = gate.ca_pem.clone();
+    let addr = gate.https;
+    let second = tokio::spawn(async move { certs::tls_connect(addr, "localhost", &ca, &["http/1.1"]).await.is_ok() });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "second connection served past max_connections = 1");
+    drop(first);
+    let ok = tokio::time::timeout(Duration::from_secs(5), second).await.expect("served once a slot freed").unwrap();
+    assert!(ok);
+}
