@@ -4,11 +4,14 @@
 
 mod common;
 
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::gate::{GateBuilder, TestGate};
+use common::gate::{GateBuilder, TestGate, free_port};
 use common::redis::RedisServer;
 use common::upstream::FakeApp;
+use tempfile::TempDir;
 
 /// A public `/api/` route limited to `limit` per minute per client IP, and an unlimited `/`.
 fn limited(app: &FakeApp, store: &str, limit: u32) -> GateBuilder {
@@ -164,4 +167,101 @@ async fn without_redis_the_in_process_store_limits() {
         2
     );
     assert_eq!(metric(&m, "chatkit_gate_rate_limit_store_degraded"), 0);
+}
+
+/// The real binary against a TLS-only Redis port whose certificate comes from a private CA,
+/// trusted through `SSL_CERT_FILE` (read by the system trust store loader).
+fn spawn_with_tls_redis(redis_tls_port: u16, ca_file: Option<&std::path::Path>) -> (Child, SocketAddr, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::certs::TestPki::new();
+    let (cert, key) = pki.write_to(dir.path());
+    let (https, admin) = (free_port(), free_port());
+    let text = GateBuilder::new("http://127.0.0.1:9")
+        .rest(&format!(
+            r#"
+[[routes]]
+name = "api"
+path = "/api/"
+auth = "public"
+rate_limit = ["chatkit"]
+[rate_limit]
+redis_url = "rediss://localhost:{redis_tls_port}"
+redis_timeout = "250ms"
+on_store_error = "deny"
+[rate_limit.policies.chatkit]
+limit = 2
+window = "60s"
+key = "ip"
+"#
+        ))
+        .render(https, None, admin, &cert, &key);
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = std::fs::File::create(dir.path().join("gate.log")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatkit-gate"));
+    cmd.arg("--config").arg(&config).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+    match ca_file {
+        Some(ca) => cmd.env("SSL_CERT_FILE", ca),
+        None => cmd.env("SSL_CERT_FILE", dir.path().join("empty.pem")),
+    };
+    std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+    (cmd.spawn().unwrap(), admin, dir)
+}
+
+#[tokio::test]
+async fn rediss_urls_connect_over_tls_and_verify_the_certificate() {
+    let pki = common::certs::TestPki::new();
+    let tls_dir = tempfile::tempdir().unwrap();
+    let (cert, key) = pki.write_to(tls_dir.path());
+    let ca = tls_dir.path().join("ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let tls_port = free_port().port().to_string();
+    let redis = RedisServer::start_with_args(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let tls_port: u16 = tls_port.parse().unwrap();
+
+    // Without the CA the certificate is refused: never connected, so never ready under deny.
+    let (mut untrusting, admin, _dir) = spawn_with_tls_redis(tls_port, None);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(common::gate::admin_get(admin, "/readyz").await.0, 503);
+    let _ = untrusting.kill();
+    let _ = untrusting.wait();
+
+    let (mut gate, admin, dir) = spawn_with_tls_redis(tls_port, Some(&ca));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::gate::admin_get(admin, "/readyz").await.0 != 200 {
+        let log = std::fs::read_to_string(dir.path().join("gate.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "not ready over rediss://; log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut con = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut con).await.unwrap();
+    assert!(keys.is_empty());
+    // The limited route counts in this Redis (the app is down: 502 after the limiter said yes).
+    let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    let gate_url = |p: &str| format!("https://127.0.0.1:{}{p}", https_port(&dir));
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(client.get(gate_url("/api/x")).send().await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, vec![502, 502, 429]);
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut con).await.unwrap();
+    assert_eq!(keys, vec!["chatkit-gate:rl:{ip:127.0.0.1}:chatkit:sw".to_string()]);
+    let _ = gate.kill();
+    let _ = gate.wait();
+}
+
+/// The HTTPS port the rendered config in `dir` listens on.
+fn https_port(dir: &TempDir) -> u16 {
+    let text = std::fs::read_to_string(dir.path().join("config.toml")).unwrap();
+    let listen = text.lines().find(|l| l.starts_with("listen = ")).unwrap();
+    listen.trim_end_matches('"').rsplit(':').next().unwrap().parse().unwrap()
 }
