@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,8 @@ pub(crate) struct LocalStore {
     shards: Vec<Mutex<Shard>>,
     hasher: RandomState,
     full_logged: AtomicBool,
+    /// Next shard to sweep after a check, so shards no request touches are swept too.
+    sweep_cursor: AtomicUsize,
     epoch: Instant,
 }
 
@@ -63,6 +65,7 @@ impl LocalStore {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::new(),
             full_logged: AtomicBool::new(false),
+            sweep_cursor: AtomicUsize::new(0),
             epoch: Instant::now(),
         }
     }
@@ -83,10 +86,7 @@ impl LocalStore {
         let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
             order.iter().map(|&i| (i, self.shards[i].lock().unwrap_or_else(PoisonError::into_inner))).collect();
         for (_, shard) in &mut guards {
-            if now >= shard.next_sweep_us {
-                shard.entries.retain(|_, e| e.expires_us > now);
-                shard.next_sweep_us = now + SWEEP_EVERY_US;
-            }
+            sweep(shard, now);
         }
 
         // Pass 1: read, dropping what aged out.
@@ -169,6 +169,11 @@ impl LocalStore {
             };
             outcomes.push(outcome);
         }
+        drop(guards);
+        let next = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        if let Ok(mut shard) = self.shards[next].try_lock() {
+            sweep(&mut shard, now);
+        }
         outcomes
     }
 
@@ -191,6 +196,14 @@ impl LocalStore {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).entries.len()).sum()
+    }
+}
+
+/// Drop the shard's expired entries, at most once per `SWEEP_EVERY_US`.
+fn sweep(shard: &mut Shard, now: i64) {
+    if now >= shard.next_sweep_us {
+        shard.entries.retain(|_, e| e.expires_us > now);
+        shard.next_sweep_us = now + SWEEP_EVERY_US;
     }
 }
 
@@ -305,7 +318,10 @@ mod tests {
             store.check_at(&[check(&p, &format!("k{i}"))], 0);
         }
         assert_eq!(store.len(), 100);
-        store.check_at(&[check(&p, "other")], 5_000_000);
+        // Each check sweeps the shards it locks and one more, in turn.
+        for _ in 0..SHARDS {
+            store.check_at(&[check(&p, "other")], 5_000_000);
+        }
         assert_eq!(store.len(), 1);
     }
 }

@@ -207,16 +207,21 @@ impl RateLimiter {
             (None, RateLimitStore::Local) => Backend::Local,
             (None, _) => anyhow::bail!("rate_limit: a Redis store is configured but was not started"),
         };
-        let sources: &[&str] = match (&backend, settings.on_store_error) {
-            (Backend::Local, _) => &["local", "cache"],
-            (Backend::Redis(_), OnStoreError::Local) => &["redis", "cache", "local"],
-            (Backend::Redis(_), _) => &["redis", "cache"],
+        // Every series this configuration can produce exists from the start, at zero.
+        let (sources, degraded): (&[&str], Option<&str>) = match (&backend, settings.on_store_error) {
+            (Backend::Local, _) => (&["local", "cache"], None),
+            (Backend::Redis(_), OnStoreError::Local) => (&["redis", "cache", "local"], None),
+            (Backend::Redis(_), OnStoreError::Allow) => (&["redis", "cache"], Some("allowed")),
+            (Backend::Redis(_), OnStoreError::Deny) => (&["redis", "cache"], Some("denied")),
         };
         for p in &policies {
             for decision in ["allowed", "limited"] {
                 for source in sources {
                     metrics.rate_limit_decisions.with_label_values(&[p.name.as_str(), decision, source]);
                 }
+            }
+            if let Some(decision) = degraded {
+                metrics.rate_limit_decisions.with_label_values(&[p.name.as_str(), decision, "store_error"]);
             }
         }
         metrics.rate_limit_store_degraded.set(0);
@@ -328,10 +333,14 @@ impl RateLimiter {
 
     /// False when the store is down and `on_store_error = "deny"` (drives `/readyz`).
     pub fn ready(&self) -> bool {
-        match (&self.backend, self.on_store_error) {
-            (Backend::Redis(redis), OnStoreError::Deny) => redis.healthy(),
-            _ => true,
+        let Backend::Redis(redis) = &self.backend else { return true };
+        let healthy = redis.healthy();
+        if healthy {
+            // Redis came back while no request was checked (readiness probes keep asking):
+            // end the degraded state now rather than at the next request.
+            self.store_answered();
         }
+        healthy || self.on_store_error != OnStoreError::Deny
     }
 
     fn plan<'a>(&'a self, route: &Route) -> Result<Cow<'a, Plan>, GateError> {
@@ -372,7 +381,7 @@ impl RateLimiter {
     }
 
     fn store_failed(&self, e: &StoreError) {
-        if !self.degraded.swap(true, Ordering::AcqRel) {
+        if !self.degraded.load(Ordering::Relaxed) && !self.degraded.swap(true, Ordering::AcqRel) {
             self.metrics.rate_limit_store_degraded.set(1);
             let on_store_error = match self.on_store_error {
                 OnStoreError::Local => "local",
@@ -384,7 +393,8 @@ impl RateLimiter {
     }
 
     fn store_answered(&self) {
-        if self.degraded.swap(false, Ordering::AcqRel) {
+        // Load first: the common case writes nothing to this shared flag.
+        if self.degraded.load(Ordering::Relaxed) && self.degraded.swap(false, Ordering::AcqRel) {
             self.metrics.rate_limit_store_degraded.set(0);
             tracing::info!("rate-limit store answering again; decisions come from redis");
         }
