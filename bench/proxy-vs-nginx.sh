@@ -29,7 +29,8 @@ worker_processes 1; daemon off; pid $TMP/backend.pid; error_log $TMP/backend.err
 events { worker_connections 4096; }
 http { access_log off;
   server { listen 127.0.0.1:18080; keepalive_requests 100000;
-    location / { return 200 "hello from the backend\n"; } } }
+    location / { return 200 "hello from the backend\n"; }
+    location = /auth { default_type application/json; return 200 '{"user":{"id":"u1","name":"Bench"}}'; } } }
 NGX
 nginx -c "$TMP/backend.conf" -p "$TMP" & PIDS+=($!)
 
@@ -42,6 +43,15 @@ http { access_log off;
   server { listen 127.0.0.1:18443 ssl http2; ssl_certificate $TMP/cert.pem; ssl_certificate_key $TMP/key.pem;
     keepalive_requests 100000;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto https; } }
+  # The same, authenticated the nginx way: auth_request on every request (nginx has no cache).
+  server { listen 127.0.0.1:18444 ssl http2; ssl_certificate $TMP/cert.pem; ssl_certificate_key $TMP/key.pem;
+    keepalive_requests 100000;
+    location = /_auth { internal; proxy_pass http://app/auth; proxy_pass_request_body off;
+      proxy_set_header Content-Length ""; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-Original-URI \$request_uri; }
+    location / { auth_request /_auth; proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto https; } } }
 NGX
@@ -58,15 +68,25 @@ url = "http://127.0.0.1:18080"
 [admin]
 listen = "127.0.0.1:19090"
 TOML
+sed -e 's/19443/19444/; s/19090/19091/' "$TMP/gate.toml" > "$TMP/gate-auth.toml"
+cat >> "$TMP/gate-auth.toml" <<TOML
+[auth]
+introspection_url = "http://127.0.0.1:18080/auth"
+cookies = ["session"]
+TOML
 # One worker thread, like nginx's one worker process: the same CPU budget.
 TOKIO_WORKER_THREADS=1 "$GATE" --config "$TMP/gate.toml" --log-level warn & PIDS+=($!)
+TOKIO_WORKER_THREADS=1 "$GATE" --config "$TMP/gate-auth.toml" --log-level warn & PIDS+=($!)
 sleep 1
 
 run() {
     local name="$1" url="$2"
-    wrk -t"$THREADS" -c"$CONNS" -d2s "$url" >/dev/null 2>&1 || true   # warm up
+    wrk -t"$THREADS" -c"$CONNS" -d2s -H 'Cookie: session=bench; other=x' "$url" >/dev/null 2>&1 || true   # warm up
     echo "== $name ($url, $CONNS connections, $DURATION)"
-    wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$url" | grep -E 'Requests/sec|Latency|50%|99%|Non-2xx'
+    wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -H 'Cookie: session=bench; other=x' "$url" \
+        | grep -E 'Requests/sec|Latency|50%|99%|Non-2xx'
 }
 run "nginx proxy" "https://127.0.0.1:18443/"
-run "chatkit-gate" "https://127.0.0.1:19443/"
+run "chatkit-gate proxy" "https://127.0.0.1:19443/"
+run "nginx proxy + auth_request" "https://127.0.0.1:18444/"
+run "chatkit-gate proxy + auth (cached)" "https://127.0.0.1:19444/"

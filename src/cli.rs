@@ -39,15 +39,24 @@ pub enum CliLogFormat {
     Text,
 }
 
-/// Set up the global tracing subscriber (stdout).
-pub fn init_logging(format: LogFormat, level: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+/// Set up the global tracing subscriber: stdout, written by a background thread so a slow
+/// log consumer never blocks request handling. Keep the guard until exit (it flushes).
+pub fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+    // rustls logs a warning per handshake for clients that send an IP address as SNI: noise
+    // (and a cost) on a public listener, so it stays quiet unless named in the filter.
+    let directives = if level.contains("rustls") { level.to_string() } else { format!("{level},rustls=error") };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.with_ansi(false).try_init(),
     };
+    guard
 }
 
 /// Apply command-line overrides to the file's `[log]` settings.

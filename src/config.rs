@@ -160,6 +160,7 @@ struct RawAuth {
     login_url: Option<String>,
     header_prefix: Option<String>,
     ca_file: Option<PathBuf>,
+    respect_cache_control: Option<bool>,
     #[serde(default)]
     claims: BTreeMap<String, String>,
 }
@@ -317,6 +318,9 @@ pub struct AuthSettings {
     /// Lower-case header prefix, e.g. `x-auth-request-`.
     pub header_prefix: String,
     pub ca_file: Option<PathBuf>,
+    /// Let the introspection answer's `Cache-Control` (`no-store`, `no-cache`, shorter `max-age`)
+    /// shorten how long its decision is cached.
+    pub respect_cache_control: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -835,17 +839,37 @@ fn validate_auth(raw: RawAuth, e: &mut Errors) -> AuthSettings {
             None
         }
     };
+    let header_prefix = raw.header_prefix.unwrap_or_else(|| "x-auth-request-".into()).to_ascii_lowercase();
     let mut forward_headers = Vec::new();
     for (i, h) in raw.forward_headers.iter().enumerate() {
+        let key = format!("auth.forward_headers[{i}]");
         match HeaderName::from_bytes(h.trim().as_bytes()) {
-            Ok(name) if matches!(name.as_str(), "upgrade" | "connection" | "content-length" | "transfer-encoding") => {
-                e.push(format!("auth.forward_headers[{i}]"), format!("{name} is never forwarded"));
+            Ok(name)
+                if matches!(
+                    name.as_str(),
+                    "upgrade"
+                        | "connection"
+                        | "content-length"
+                        | "transfer-encoding"
+                        | "te"
+                        | "trailer"
+                        | "keep-alive"
+                        | "proxy-connection"
+                        | "host"
+                ) =>
+            {
+                e.push(key, format!("{name} is never forwarded"));
+            }
+            Ok(name) if name == http::header::COOKIE => {
+                e.push(key, "cookies are forwarded by auth.cookies ([] = the whole Cookie header)");
+            }
+            Ok(name) if name.as_str().starts_with(&header_prefix) => {
+                e.push(key, "headers starting with auth.header_prefix are removed from every request");
             }
             Ok(name) => forward_headers.push(name),
-            Err(_) => e.push(format!("auth.forward_headers[{i}]"), format!("invalid header name {h:?}")),
+            Err(_) => e.push(key, format!("invalid header name {h:?}")),
         }
     }
-    let header_prefix = raw.header_prefix.unwrap_or_else(|| "x-auth-request-".into()).to_ascii_lowercase();
     if header_prefix.len() < 2 || HeaderName::from_bytes(format!("{header_prefix}user").as_bytes()).is_err() {
         e.push("auth.header_prefix", format!("invalid header prefix {header_prefix:?}"));
     }
@@ -867,7 +891,12 @@ fn validate_auth(raw: RawAuth, e: &mut Errors) -> AuthSettings {
         }
     }
     let login_url = raw.login_url.unwrap_or_else(|| "/login".into());
-    if !login_url.starts_with('/') || login_url.starts_with("//") {
+    if !login_url.starts_with('/')
+        || login_url.starts_with("//")
+        || login_url.starts_with("/\\")
+        || login_url.contains('#')
+        || HeaderValue::from_str(&login_url).is_err()
+    {
         e.push("auth.login_url", "must be a path on this site, e.g. \"/login\"");
     }
     let cache_max_entries = raw.cache_max_entries.unwrap_or(100_000);
@@ -894,6 +923,7 @@ fn validate_auth(raw: RawAuth, e: &mut Errors) -> AuthSettings {
         login_url,
         header_prefix,
         ca_file: raw.ca_file,
+        respect_cache_control: raw.respect_cache_control.unwrap_or(true),
     }
 }
 

@@ -173,11 +173,11 @@ impl Gateway {
         let rid = request_id.to_str().unwrap_or("-");
         match error {
             Some(e) if status.is_server_error() => tracing::warn!(
-                method = %method, route = route_name, status = status.as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3,
+                method = %method, route = route_name, status = status.as_u16(), duration_ms = elapsed.as_micros() as f64 / 1000.0,
                 request_id = rid, client_ip = %client_ip, error = %e, "request"
             ),
             _ => tracing::info!(
-                method = %method, route = route_name, status = status.as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3,
+                method = %method, route = route_name, status = status.as_u16(), duration_ms = elapsed.as_micros() as f64 / 1000.0,
                 request_id = rid, client_ip = %client_ip, "request"
             ),
         }

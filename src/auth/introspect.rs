@@ -1,0 +1,412 @@
+//! The introspection call: which credentials a request carries, the pooled client that asks the
+//! introspection URL about them, and how its answer is read (identity, cacheability, cookies).
+
+use std::fs::File;
+use std::io::BufReader;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::header::{ACCEPT, CACHE_CONTROL, COOKIE, HOST, SET_COOKIE, USER_AGENT};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus::Histogram;
+use sha2::{Digest, Sha256};
+
+use super::cache::Key;
+use crate::config::AuthSettings;
+use crate::context::RequestContext;
+
+/// Largest introspection answer read; a larger one is an error.
+const MAX_ANSWER_BYTES: usize = 256 * 1024;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
+static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The credentials a request carries, as they will be forwarded, and their cache key.
+pub(crate) struct Credentials {
+    /// Just the configured cookies (`name=value; …`), or the whole Cookie header.
+    pub cookie: Option<HeaderValue>,
+    /// `forward_headers` present on the request.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub key: Key,
+}
+
+/// Which cookies and headers count as credentials, and the per-process salt of their hash.
+pub(crate) struct CredentialRules {
+    /// Empty = the whole Cookie header.
+    pub cookies: Vec<String>,
+    pub forward_headers: Vec<HeaderName>,
+    pub salt: [u8; 16],
+}
+
+impl CredentialRules {
+    /// The forwarded credentials of a request, or `None` when it carries none at all.
+    pub fn extract(&self, headers: &HeaderMap) -> Option<Credentials> {
+        let cookie = if self.cookies.is_empty() { whole_cookie(headers) } else { self.named_cookies(headers) };
+        let mut forwarded = Vec::new();
+        for name in &self.forward_headers {
+            for value in headers.get_all(name) {
+                forwarded.push((name.clone(), value.clone()));
+            }
+        }
+        if cookie.is_none() && forwarded.is_empty() {
+            return None;
+        }
+        let mut h = Sha256::new();
+        h.update(self.salt);
+        let mut part = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        part(cookie.as_ref().map_or(&b""[..], HeaderValue::as_bytes));
+        for (name, value) in &forwarded {
+            part(name.as_str().as_bytes());
+            part(value.as_bytes());
+        }
+        Some(Credentials { cookie, headers: forwarded, key: Key(h.finalize().into()) })
+    }
+
+    /// `name=value` pairs of the configured cookies, in request order; allocates only them.
+    fn named_cookies(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        let mut out: Vec<u8> = Vec::new();
+        // HTTP/2 clients may send one `cookie` field per pair: look at all of them.
+        for value in headers.get_all(COOKIE) {
+            for pair in value.as_bytes().split(|b| *b == b';') {
+                let pair = pair.trim_ascii();
+                let name = pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+                if pair.len() > name.len() && self.cookies.iter().any(|c| c.as_bytes() == name) {
+                    if !out.is_empty() {
+                        out.extend_from_slice(b"; ");
+                    }
+                    out.extend_from_slice(pair);
+                }
+            }
+        }
+        if out.is_empty() {
+            return None;
+        }
+        HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
+    }
+}
+
+fn whole_cookie(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut values = headers.get_all(COOKIE).iter().filter(|v| !v.as_bytes().trim_ascii().is_empty());
+    let first = values.next()?;
+    let Some(second) = values.next() else {
+        return Some(first.clone());
+    };
+    let mut out = first.as_bytes().to_vec();
+    for v in std::iter::once(second).chain(values) {
+        out.extend_from_slice(b"; ");
+        out.extend_from_slice(v.as_bytes());
+    }
+    HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
+}
+
+/// What the original request contributes to the introspection call besides credentials.
+pub(crate) struct Forwarded {
+    pub method: HeaderValue,
+    pub uri: Option<HeaderValue>,
+    pub host: Option<HeaderValue>,
+    pub client_ip: HeaderValue,
+    pub https: bool,
+    pub request_id: HeaderValue,
+}
+
+impl Forwarded {
+    pub fn of(parts: &http::request::Parts, ctx: &RequestContext) -> Forwarded {
+        let host = parts
+            .headers
+            .get(HOST)
+            .cloned()
+            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        Forwarded {
+            method: HeaderValue::from_str(parts.method.as_str()).unwrap_or(HeaderValue::from_static("GET")),
+            uri: parts.uri.path_and_query().and_then(|pq| HeaderValue::from_str(pq.as_str()).ok()),
+            host,
+            client_ip: HeaderValue::from_str(&ctx.client_ip.to_string()).unwrap_or(HeaderValue::from_static("")),
+            https: ctx.https,
+            request_id: ctx.request_id.clone(),
+        }
+    }
+}
+
+/// Why introspection gave no answer we can use.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum Failure {
+    #[error("introspection timed out")]
+    Timeout,
+    #[error("introspection connection failed: {0}")]
+    Connect(String),
+    #[error("introspection request failed: {0}")]
+    Request(String),
+    #[error("introspection answered status {0}")]
+    Status(u16),
+    #[error("introspection answer unreadable: {0}")]
+    Body(String),
+    #[error("introspection answer invalid: {0}")]
+    Invalid(String),
+}
+
+impl Failure {
+    /// Short, bounded reason for audit events and logs.
+    pub fn reason(&self) -> String {
+        match self {
+            Failure::Timeout => "timeout".into(),
+            Failure::Connect(_) => "connection failed".into(),
+            Failure::Request(_) => "request failed".into(),
+            Failure::Status(s) => format!("status {s}"),
+            Failure::Body(_) => "unreadable answer".into(),
+            Failure::Invalid(_) => "invalid answer".into(),
+        }
+    }
+}
+
+/// A usable introspection answer.
+pub(crate) struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// 2xx = signed in (if it names a user), 401/403 = signed out.
+    pub fn signed_in(&self) -> bool {
+        self.status.is_success()
+    }
+
+    /// `Set-Cookie` values to hand to the client.
+    pub fn set_cookies(&self) -> Vec<HeaderValue> {
+        self.headers.get_all(SET_COOKIE).iter().cloned().collect()
+    }
+
+    /// The longest the answer may be cached by its own `Cache-Control`: `None` = no limit,
+    /// `Some(ZERO)` = not at all (`no-store`, `no-cache`, `max-age=0`).
+    pub fn cache_limit(&self) -> Option<Duration> {
+        cache_limit(&self.headers)
+    }
+}
+
+/// `Cache-Control` of an answer as a cap on how long to keep it (`s-maxage` wins over `max-age`:
+/// the gate's cache is shared by every request bearing the same credentials).
+pub(crate) fn cache_limit(headers: &HeaderMap) -> Option<Duration> {
+    let (mut max_age, mut s_maxage) = (None, None);
+    for value in headers.get_all(CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',') {
+            let directive = directive.trim();
+            let (name, arg) = match directive.split_once('=') {
+                Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                None => (directive, None),
+            };
+            if name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("no-cache") {
+                return Some(Duration::ZERO);
+            }
+            // An unparsable age is treated as 0, as RFC 9111 asks of caches.
+            let secs = || arg.map(|a| a.parse::<u64>().unwrap_or(0)).map(Duration::from_secs);
+            if name.eq_ignore_ascii_case("max-age") {
+                max_age = secs().or(max_age);
+            } else if name.eq_ignore_ascii_case("s-maxage") {
+                s_maxage = secs().or(s_maxage);
+            }
+        }
+    }
+    s_maxage.or(max_age)
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// The pooled keep-alive client for the introspection URL (one per gate, never per request).
+pub(crate) struct Introspector {
+    client: HttpsClient,
+    url: Uri,
+    timeout: Duration,
+    user_agent: HeaderValue,
+    duration: Histogram,
+}
+
+impl Introspector {
+    pub fn new(settings: &AuthSettings, duration: Histogram) -> anyhow::Result<Self> {
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        if let Some(path) = &settings.ca_file {
+            let file = File::open(path).with_context(|| format!("auth.ca_file: cannot open {}", path.display()))?;
+            let mut added = 0;
+            for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
+                let cert = cert.with_context(|| format!("auth.ca_file: cannot read {}", path.display()))?;
+                roots.add(cert).with_context(|| format!("auth.ca_file: bad certificate in {}", path.display()))?;
+                added += 1;
+            }
+            anyhow::ensure!(added > 0, "auth.ca_file: no certificate in {}", path.display());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("auth: TLS client configuration")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(settings.timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Ok(Introspector {
+            client,
+            url: settings.introspection_url.clone(),
+            timeout: settings.timeout,
+            user_agent: HeaderValue::from_static(concat!("chatkit-gate/", env!("CARGO_PKG_VERSION"))),
+            duration,
+        })
+    }
+
+    pub fn url(&self) -> &Uri {
+        &self.url
+    }
+
+    /// The introspection request: a bodiless GET with only the credentials and the listed facts.
+    pub fn request(&self, creds: &Credentials, fwd: &Forwarded) -> Request<Empty<Bytes>> {
+        let mut req = Request::new(Empty::new());
+        *req.uri_mut() = self.url.clone();
+        let h = req.headers_mut();
+        for (name, value) in &creds.headers {
+            h.append(name.clone(), value.clone());
+        }
+        if let Some(cookie) = &creds.cookie {
+            h.insert(COOKIE, cookie.clone());
+        }
+        h.insert(&X_FORWARDED_FOR, fwd.client_ip.clone());
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if fwd.https { "https" } else { "http" }));
+        if let Some(host) = &fwd.host {
+            h.insert(&X_FORWARDED_HOST, host.clone());
+        }
+        h.insert(&X_ORIGINAL_METHOD, fwd.method.clone());
+        if let Some(uri) = &fwd.uri {
+            h.insert(&X_ORIGINAL_URI, uri.clone());
+        }
+        h.insert(&X_REQUEST_ID, fwd.request_id.clone());
+        h.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        h.insert(USER_AGENT, self.user_agent.clone());
+        req
+    }
+
+    /// Make the call under the configured timeout (connect, headers and body together).
+    pub async fn call(&self, req: Request<Empty<Bytes>>) -> Result<Answer, Failure> {
+        let start = Instant::now();
+        let result = tokio::time::timeout(self.timeout, async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                let detail = error_chain(&e);
+                if e.is_connect() { Failure::Connect(detail) } else { Failure::Request(detail) }
+            })?;
+            let (parts, body) = resp.into_parts();
+            // Read 401/403 bodies too: a fully read answer keeps the connection reusable.
+            let body = Limited::new(body, MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| Failure::Body(e.to_string()))?
+                .to_bytes();
+            Ok(Answer { status: parts.status, headers: parts.headers, body })
+        })
+        .await;
+        self.duration.observe(start.elapsed().as_secs_f64());
+        let answer = result.map_err(|_| Failure::Timeout)??;
+        match answer.status.as_u16() {
+            200..=299 | 401 | 403 => Ok(answer),
+            other => Err(Failure::Status(other)),
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn rules(cookies: &[&str], forward: &[&str]) -> CredentialRules {
+        CredentialRules {
+            cookies: cookies.iter().map(|c| c.to_string()).collect(),
+            forward_headers: forward.iter().map(|h| HeaderName::from_bytes(h.as_bytes()).unwrap()).collect(),
+            salt: [7; 16],
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn only_the_named_cookies_are_kept_across_cookie_fields() {
+        let r = rules(&["session", "sid"], &[]);
+        let h =
+            headers(&[("cookie", "theme=dark; session=abc;  other=1"), ("cookie", "sid=x=y"), ("cookie", "session")]);
+        let c = r.extract(&h).unwrap();
+        assert_eq!(c.cookie.unwrap(), "session=abc; sid=x=y");
+        assert!(r.extract(&headers(&[("cookie", "theme=dark; sessionx=1")])).is_none());
+    }
+
+    #[test]
+    fn whole_cookie_header_when_no_names_are_configured() {
+        let r = rules(&[], &[]);
+        assert_eq!(r.extract(&headers(&[("cookie", "a=1; b=2")])).unwrap().cookie.unwrap(), "a=1; b=2");
+        assert_eq!(r.extract(&headers(&[("cookie", "a=1"), ("cookie", "b=2")])).unwrap().cookie.unwrap(), "a=1; b=2");
+        assert!(r.extract(&HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn the_key_depends_on_every_forwarded_credential_and_nothing_else() {
+        let r = rules(&["session"], &["authorization"]);
+        let k = |pairs: &[(&str, &str)]| r.extract(&headers(pairs)).map(|c| c.key.0);
+        let base = k(&[("cookie", "session=abc; theme=dark"), ("authorization", "Bearer t")]);
+        assert_eq!(base, k(&[("cookie", "theme=light; session=abc"), ("authorization", "Bearer t")]));
+        assert_ne!(base, k(&[("cookie", "session=abd"), ("authorization", "Bearer t")]));
+        assert_ne!(base, k(&[("cookie", "session=abc"), ("authorization", "Bearer u")]));
+        assert_ne!(k(&[("authorization", "Bearer t")]), k(&[("cookie", "session=abc")]));
+        assert!(k(&[("authorization", "Bearer t")]).is_some(), "a forwarded header alone is a credential");
+    }
+
+    #[test]
+    fn cache_control_caps_the_ttl() {
+        let cc = |v: &str| cache_limit(&headers(&[("cache-control", v)]));
+        assert_eq!(cc("private, max-age=10"), Some(Duration::from_secs(10)));
+        assert_eq!(cc("max-age=10, s-maxage=3"), Some(Duration::from_secs(3)));
+        assert_eq!(cc("No-Store"), Some(Duration::ZERO));
+        assert_eq!(cc("no-cache"), Some(Duration::ZERO));
+        assert_eq!(cc("max-age=banana"), Some(Duration::ZERO));
+        assert_eq!(cc("public"), None);
+        assert_eq!(cache_limit(&HeaderMap::new()), None);
+    }
+}

@@ -1,0 +1,612 @@
+//! Forward authentication: asks the introspection URL who a request's cookies belong to, caches
+//! the answer, hands the identity to the app in headers, and decides 401/302/503 otherwise.
+//!
+//! Owns: the introspection client ([`introspect`]), the decision cache ([`cache`]), identity
+//! headers to the app, and the answers for signed-out and unavailable cases.
+
+mod cache;
+mod introspect;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{ACCEPT, HeaderName};
+use http::{HeaderMap, HeaderValue, Method, Request};
+use http_body_util::Empty;
+use prometheus::IntCounter;
+
+use self::cache::{DecisionCache, Flight, Lookup, Store};
+use self::introspect::{Answer, CredentialRules, Failure, Forwarded, Introspector};
+use crate::audit::{Audit, AuditEvent, AuditKind};
+use crate::config::{AuthSettings, RouteAuth, Unauthenticated};
+use crate::context::RequestContext;
+use crate::error::GateError;
+use crate::metrics::Metrics;
+use crate::routes::Route;
+
+/// Longest identity header value sent to the app, in bytes (longer values are cut at a character
+/// boundary); also the longest user id accepted.
+pub const MAX_IDENTITY_VALUE_BYTES: usize = 1024;
+
+/// Longest TTL honoured (keeps `Instant` arithmetic far from overflow).
+const MAX_TTL: Duration = Duration::from_secs(365 * 86_400);
+
+/// The signed-in user, as the introspection answer described them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    /// `[auth.claims]` values that resolved, by claim name (string, number or boolean).
+    pub claims: Vec<(String, serde_json::Value)>,
+}
+
+impl Identity {
+    pub fn claim(&self, name: &str) -> Option<&serde_json::Value> {
+        self.claims.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
+/// What authentication decided for a request that may go on.
+#[derive(Debug, Default)]
+pub struct AuthResult {
+    /// `None` on public routes and for signed-out requests on optional routes.
+    pub identity: Option<Arc<Identity>>,
+    /// `Set-Cookie` values from the introspection answer, for the client.
+    pub set_cookies: Vec<HeaderValue>,
+}
+
+/// Remove every header whose name starts with `prefix` (client-sent identity is never believed).
+pub fn strip_prefixed(headers: &mut HeaderMap, prefix: &str) {
+    // Nearly every request has none: look before allocating.
+    if !headers.keys().any(|k| k.as_str().starts_with(prefix)) {
+        return;
+    }
+    let doomed: Vec<_> = headers.keys().filter(|k| k.as_str().starts_with(prefix)).cloned().collect();
+    for k in doomed {
+        headers.remove(k);
+    }
+}
+
+/// A signed-in decision: the identity and its identity headers, built once per answer.
+#[derive(Debug)]
+struct Signed {
+    identity: Arc<Identity>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// What is cached per credentials.
+#[derive(Debug, Clone)]
+enum Decision {
+    SignedIn(Arc<Signed>),
+    SignedOut,
+}
+
+/// What one introspection call produced, shared by every request that waited for it.
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// The decision and the answer's `Set-Cookie` values (given to the requests that shared
+    /// this call, never replayed from the cache).
+    Decided(Decision, Arc<[HeaderValue]>),
+    Failed(Failure),
+}
+
+/// Where a decision came from: the `source` label of `chatkit_gate_auth_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Introspection,
+    Cache,
+    Stale,
+    /// No credentials at all: signed out without asking anyone.
+    None,
+}
+
+impl Source {
+    const ALL: [Source; 4] = [Source::Introspection, Source::Cache, Source::Stale, Source::None];
+
+    fn label(self) -> &'static str {
+        match self {
+            Source::Introspection => "introspection",
+            Source::Cache => "cache",
+            Source::Stale => "stale",
+            Source::None => "none",
+        }
+    }
+}
+
+/// The `result` label of `chatkit_gate_auth_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Allow,
+    Deny,
+    Error,
+}
+
+impl Verdict {
+    const ALL: [Verdict; 3] = [Verdict::Allow, Verdict::Deny, Verdict::Error];
+
+    fn label(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Error => "error",
+        }
+    }
+}
+
+/// Header names of the identity sent to the app.
+struct IdentityHeaders {
+    user: HeaderName,
+    email: HeaderName,
+    name: HeaderName,
+    /// (claim name, JSON pointer, header name).
+    claims: Vec<(String, String, HeaderName)>,
+}
+
+struct Inner {
+    prefix: String,
+    login_url: String,
+    /// `login_url` without its query: never redirected to itself.
+    login_path: String,
+    cache_ttl: Duration,
+    negative_cache_ttl: Duration,
+    stale_if_error: Duration,
+    respect_cache_control: bool,
+    timeout: Duration,
+    user_id: String,
+    user_name: Option<String>,
+    user_email: Option<String>,
+    headers: IdentityHeaders,
+    rules: CredentialRules,
+    introspector: Introspector,
+    cache: DecisionCache<Decision, Outcome>,
+    /// `auth_decisions` children resolved once (no label lookup per request), by verdict × source.
+    decisions: Vec<IntCounter>,
+    audit: Audit,
+    /// A 2xx without a user id is signed out; say so once, loudly, in case it is a wrong pointer.
+    warned_no_user: AtomicBool,
+}
+
+/// The authentication phase. Cheap to clone.
+#[derive(Clone)]
+pub struct Authenticator {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Host and path only: a URL's userinfo may hold a password.
+        let url = self.inner.introspector.url();
+        f.debug_struct("Authenticator")
+            .field("introspection_host", &url.host())
+            .field("introspection_path", &url.path())
+            .finish_non_exhaustive()
+    }
+}
+
+fn header_name(s: &str) -> anyhow::Result<HeaderName> {
+    HeaderName::from_bytes(s.as_bytes()).map_err(|_| anyhow::anyhow!("auth.header_prefix: invalid header name {s:?}"))
+}
+
+fn pointer(p: &Option<String>) -> Option<String> {
+    p.as_ref().filter(|p| !p.is_empty()).cloned()
+}
+
+impl Authenticator {
+    pub fn new(settings: &AuthSettings, metrics: Metrics, audit: Audit) -> anyhow::Result<Self> {
+        let prefix = settings.header_prefix.clone();
+        let mut claims = Vec::new();
+        for (name, ptr) in &settings.claims {
+            if !ptr.is_empty() {
+                claims.push((name.clone(), ptr.clone(), header_name(&format!("{prefix}{name}"))?));
+            }
+        }
+        let headers = IdentityHeaders {
+            user: header_name(&format!("{prefix}user"))?,
+            email: header_name(&format!("{prefix}email"))?,
+            name: header_name(&format!("{prefix}name"))?,
+            claims,
+        };
+        let login_path = settings.login_url.split(['?', '#']).next().unwrap_or("/").to_string();
+        HeaderValue::from_str(&settings.login_url)
+            .map_err(|_| anyhow::anyhow!("auth.login_url: not usable in a Location header"))?;
+        let introspector = Introspector::new(settings, metrics.auth_introspection_duration.clone())?;
+        let decisions = Verdict::ALL
+            .iter()
+            .flat_map(|v| Source::ALL.map(|s| metrics.auth_decisions.with_label_values(&[v.label(), s.label()])))
+            .collect();
+        let inner = Inner {
+            prefix,
+            login_url: settings.login_url.clone(),
+            login_path,
+            cache_ttl: settings.cache_ttl.min(MAX_TTL),
+            negative_cache_ttl: settings.negative_cache_ttl.min(MAX_TTL),
+            stale_if_error: settings.stale_if_error.min(MAX_TTL),
+            respect_cache_control: settings.respect_cache_control,
+            timeout: settings.timeout,
+            user_id: settings.user_id.clone(),
+            user_name: pointer(&settings.user_name),
+            user_email: pointer(&settings.user_email),
+            headers,
+            rules: CredentialRules {
+                cookies: settings.cookies.clone(),
+                forward_headers: settings.forward_headers.clone(),
+                salt: rand::random(),
+            },
+            introspector,
+            cache: DecisionCache::new(settings.cache_max_entries, metrics.auth_cache_entries.clone()),
+            decisions,
+            audit,
+            warned_no_user: AtomicBool::new(false),
+        };
+        Ok(Authenticator { inner: Arc::new(inner) })
+    }
+
+    /// Strip client identity headers; on non-public routes, decide. `Err` is the answer to send
+    /// instead of proxying: 401 or 302 to the login page (signed out on a required route), or
+    /// 503 (introspection unavailable and no usable cached identity, on any non-public route).
+    pub async fn authorize(
+        &self,
+        route: &Route,
+        parts: &mut http::request::Parts,
+        ctx: &RequestContext,
+    ) -> Result<AuthResult, GateError> {
+        let inner = &self.inner;
+        strip_prefixed(&mut parts.headers, &inner.prefix);
+        if route.auth == RouteAuth::Public {
+            return Ok(AuthResult::default());
+        }
+        let (decision, set_cookies, source) = match self.decide(parts, ctx).await {
+            Ok(decided) => decided,
+            Err(failure) => {
+                inner.count(Verdict::Error, Source::Introspection);
+                inner.audit.log(
+                    AuditEvent::new(AuditKind::AuthUnavailable, ctx.request_id(), ctx.client_ip)
+                        .reason(failure.reason())
+                        .route(&route.name),
+                );
+                return Err(GateError::AuthUnavailable);
+            }
+        };
+        match decision {
+            Decision::SignedIn(signed) => {
+                inner.count(Verdict::Allow, source);
+                for (name, value) in &signed.headers {
+                    parts.headers.insert(name.clone(), value.clone());
+                }
+                Ok(AuthResult { identity: Some(signed.identity.clone()), set_cookies })
+            }
+            Decision::SignedOut => {
+                inner.count(Verdict::Deny, source);
+                if route.auth == RouteAuth::Optional {
+                    return Ok(AuthResult::default());
+                }
+                let reason = if source == Source::None { "no credentials" } else { "signed out" };
+                inner.audit.log(
+                    AuditEvent::new(AuditKind::AuthDenied, ctx.request_id(), ctx.client_ip)
+                        .reason(reason)
+                        .route(&route.name),
+                );
+                Err(inner.unauthenticated(route, parts))
+            }
+        }
+    }
+
+    /// The decision for a request: cached, or from a (shared) introspection call, or a stale
+    /// identity when that call fails.
+    async fn decide(
+        &self,
+        parts: &http::request::Parts,
+        ctx: &RequestContext,
+    ) -> Result<(Decision, Vec<HeaderValue>, Source), Failure> {
+        let inner = &self.inner;
+        let Some(creds) = inner.rules.extract(&parts.headers) else {
+            return Ok((Decision::SignedOut, Vec::new(), Source::None));
+        };
+        let (mut rx, stale) = match inner.cache.lookup(creds.key, Instant::now()) {
+            Lookup::Fresh(decision) => return Ok((decision, Vec::new(), Source::Cache)),
+            Lookup::Pending { rx, lead, stale } => {
+                if let Some(flight) = lead {
+                    // Spawned: the call finishes (and feeds the cache and the other waiters) even
+                    // when this request is abandoned by its client.
+                    let req = inner.introspector.request(&creds, &Forwarded::of(parts, ctx));
+                    tokio::spawn(self.inner.clone().introspect(flight, req));
+                }
+                (rx, stale)
+            }
+        };
+        // The call is bounded by `timeout`; the margin only guards against a lost task.
+        let waited = tokio::time::timeout(inner.timeout + Duration::from_secs(1), rx.wait_for(Option::is_some)).await;
+        let outcome = match waited {
+            Ok(Ok(outcome)) => outcome.clone(),
+            _ => None,
+        };
+        let failure = match outcome {
+            Some(Outcome::Decided(decision, cookies)) => {
+                return Ok((decision, cookies.to_vec(), Source::Introspection));
+            }
+            Some(Outcome::Failed(failure)) => failure,
+            None => Failure::Request("introspection call abandoned".into()),
+        };
+        match stale {
+            Some(Decision::SignedIn(signed)) => {
+                tracing::warn!(
+                    request_id = ctx.request_id(),
+                    reason = %failure.reason(),
+                    "introspection failed: serving a cached identity past its TTL (stale_if_error)"
+                );
+                Ok((Decision::SignedIn(signed), Vec::new(), Source::Stale))
+            }
+            _ => Err(failure),
+        }
+    }
+}
+
+impl Inner {
+    fn count(&self, verdict: Verdict, source: Source) {
+        let i = verdict as usize * Source::ALL.len() + source as usize;
+        if let Some(counter) = self.decisions.get(i) {
+            counter.inc();
+        }
+    }
+
+    /// One introspection call for a flight: ask, read the answer, update the cache, wake waiters.
+    async fn introspect(self: Arc<Self>, flight: Flight<Decision, Outcome>, req: Request<Empty<Bytes>>) {
+        let (store, outcome) = match self.introspector.call(req).await.and_then(|a| self.read(&a).map(|d| (a, d))) {
+            Ok((answer, decision)) => {
+                let (ttl, grace, cookies) = match &decision {
+                    Decision::SignedIn(_) => (self.cache_ttl, self.stale_if_error, answer.set_cookies()),
+                    Decision::SignedOut => (self.negative_cache_ttl, Duration::ZERO, Vec::new()),
+                };
+                let limit = if self.respect_cache_control { answer.cache_limit() } else { None };
+                let ttl = limit.map_or(ttl, |l| l.min(ttl));
+                let now = Instant::now();
+                let store = if ttl.is_zero() {
+                    // Not cacheable: also forget an older decision, so it can't be served stale.
+                    Store::Remove
+                } else {
+                    Store::Insert { value: decision.clone(), fresh_until: now + ttl, stale_until: now + ttl + grace }
+                };
+                (store, Outcome::Decided(decision, cookies.into()))
+            }
+            Err(failure) => {
+                match &failure {
+                    Failure::Invalid(_) => tracing::error!(error = %failure, "introspection answer unusable"),
+                    _ => tracing::warn!(error = %failure, "authentication service unavailable"),
+                }
+                (Store::Keep, Outcome::Failed(failure))
+            }
+        };
+        flight.finish(store, outcome);
+    }
+
+    /// The decision an answer carries (2xx with a user id = signed in; 401/403 = signed out).
+    fn read(&self, answer: &Answer) -> Result<Decision, Failure> {
+        if !answer.signed_in() {
+            return Ok(Decision::SignedOut);
+        }
+        let body: serde_json::Value = if answer.body.trim_ascii().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&answer.body).map_err(|e| Failure::Invalid(format!("2xx body is not JSON: {e}")))?
+        };
+        let id = match body.pointer(&self.user_id) {
+            // NextAuth-style endpoints answer 200 `{}` or `null` when signed out.
+            None | Some(serde_json::Value::Null) => {
+                if !self.warned_no_user.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        pointer = %self.user_id,
+                        "introspection answered 2xx without a user id: treated as signed out \
+                         (if signed-in users get this too, check auth.user_id); logged once"
+                    );
+                }
+                return Ok(Decision::SignedOut);
+            }
+            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            Some(_) => {
+                return Err(Failure::Invalid(format!("{} is not a non-empty string or number", self.user_id)));
+            }
+        };
+        if id.len() > MAX_IDENTITY_VALUE_BYTES || id.chars().any(char::is_control) {
+            return Err(Failure::Invalid(format!(
+                "{} has control characters or is longer than {MAX_IDENTITY_VALUE_BYTES} bytes",
+                self.user_id
+            )));
+        }
+        let text = |p: &Option<String>| p.as_ref().and_then(|p| body.pointer(p)).and_then(scalar_text);
+        let name = text(&self.user_name).and_then(|s| sanitized(&s));
+        let email = text(&self.user_email).and_then(|s| sanitized(&s));
+        let mut headers = Vec::with_capacity(3 + self.headers.claims.len());
+        let mut claims = Vec::with_capacity(self.headers.claims.len());
+        headers.extend(header_value(&id).map(|v| (self.headers.user.clone(), v)));
+        headers.extend(email.as_deref().and_then(header_value).map(|v| (self.headers.email.clone(), v)));
+        headers.extend(name.as_deref().and_then(header_value).map(|v| (self.headers.name.clone(), v)));
+        for (claim, ptr, header) in &self.headers.claims {
+            let Some(value) = body.pointer(ptr).filter(|v| v.is_string() || v.is_number() || v.is_boolean()) else {
+                continue;
+            };
+            if let Some(v) = scalar_text(value).as_deref().and_then(header_value) {
+                headers.push((header.clone(), v));
+            }
+            claims.push((claim.clone(), value.clone()));
+        }
+        let identity = Arc::new(Identity { id, name, email, claims });
+        Ok(Decision::SignedIn(Arc::new(Signed { identity, headers })))
+    }
+
+    /// The answer for a signed-out request on a required route: 401, or 302 to the login page.
+    fn unauthenticated(&self, route: &Route, parts: &http::request::Parts) -> GateError {
+        let on_login_page = parts.uri.path().trim_end_matches('/') == self.login_path.trim_end_matches('/');
+        let redirect = match route.unauthenticated {
+            Unauthenticated::Json => false,
+            Unauthenticated::Redirect => true,
+            Unauthenticated::Auto => is_navigation(parts),
+        };
+        if !redirect || on_login_page {
+            return GateError::Unauthorized;
+        }
+        let rd = return_path(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()));
+        let sep = if self.login_url.contains('?') { '&' } else { '?' };
+        match HeaderValue::from_str(&format!("{}{sep}rd={}", self.login_url, percent_encode(rd))) {
+            Ok(location) => GateError::LoginRedirect(location),
+            Err(_) => GateError::Unauthorized,
+        }
+    }
+}
+
+/// A browser navigation (`auto` redirects these): a GET/HEAD with `Sec-Fetch-Mode: navigate`,
+/// or, from browsers that send no `Sec-Fetch-Mode`, one that accepts `text/html`.
+fn is_navigation(parts: &http::request::Parts) -> bool {
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        return false;
+    }
+    if let Some(mode) = parts.headers.get("sec-fetch-mode") {
+        return mode.as_bytes().eq_ignore_ascii_case(b"navigate");
+    }
+    parts.headers.get_all(ACCEPT).iter().any(|v| v.as_bytes().windows(9).any(|w| w.eq_ignore_ascii_case(b"text/html")))
+}
+
+/// The `rd` target: the original path and query, only ever as a path on this site.
+fn return_path(path_and_query: &str) -> &str {
+    let pq = path_and_query;
+    if !pq.starts_with('/') || pq.starts_with("//") || pq.starts_with("/\\") || pq.len() > 2048 {
+        return "/";
+    }
+    pq
+}
+
+/// Percent-encode everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A JSON scalar as text (`null`, objects and arrays have none).
+fn scalar_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// The documented rule for identity values sent to the app: control characters (CR, LF, TAB,
+/// NUL, DEL, C1) removed, surrounding whitespace trimmed, cut to [`MAX_IDENTITY_VALUE_BYTES`] at a
+/// character boundary, other UTF-8 kept as is; empty after that = not sent.
+fn sanitized(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len().min(MAX_IDENTITY_VALUE_BYTES));
+    for c in s.trim().chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > MAX_IDENTITY_VALUE_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    let trimmed = out.trim_end();
+    if trimmed.is_empty() {
+        return None;
+    }
+    out.truncate(trimmed.len());
+    Some(out)
+}
+
+fn header_value(s: &str) -> Option<HeaderValue> {
+    sanitized(s).and_then(|s| HeaderValue::from_str(&s).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn config_errors(auth: &str) -> Vec<String> {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n\
+             [auth]\nintrospection_url = \"http://127.0.0.1:3000/s\"\n{auth}\n"
+        );
+        match crate::config::Config::from_toml(&text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn auth_config_rejects_credentials_the_gate_manages_itself() {
+        let errs =
+            config_errors("forward_headers = [\"authorization\", \"cookie\", \"Host\", \"x-auth-request-user\"]");
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].starts_with("auth.forward_headers[1]: cookies are forwarded by auth.cookies"), "{errs:?}");
+        assert!(errs[1].starts_with("auth.forward_headers[2]: host is never forwarded"), "{errs:?}");
+        assert!(errs[2].starts_with("auth.forward_headers[3]: headers starting with auth.header_prefix"), "{errs:?}");
+        for bad in ["//evil.example/login", "/login#x", "https://evil.example/login", "/\\\\evil"] {
+            let errs = config_errors(&format!("login_url = {bad:?}"));
+            assert!(errs.iter().any(|e| e.starts_with("auth.login_url:")), "{bad}: {errs:?}");
+        }
+        assert!(config_errors("login_url = \"/login?next=1\"\nrespect_cache_control = false").is_empty());
+        assert!(config_errors("respect_cache_control = \"no\"").iter().any(|e| e.contains("respect_cache_control")));
+    }
+
+    #[test]
+    fn decision_counters_are_indexed_by_declaration_order() {
+        assert!(Source::ALL.iter().enumerate().all(|(i, s)| *s as usize == i));
+        assert!(Verdict::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
+    }
+
+    #[test]
+    fn strip_prefixed_removes_every_case_and_repeat() {
+        let mut h = HeaderMap::new();
+        h.append("x-auth-request-user", HeaderValue::from_static("admin"));
+        h.append("X-Auth-Request-User", HeaderValue::from_static("root"));
+        h.append("x-auth-request-anything", HeaderValue::from_static("1"));
+        h.append("x-auth", HeaderValue::from_static("kept"));
+        strip_prefixed(&mut h, "x-auth-request-");
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-auth"], "kept");
+    }
+
+    #[test]
+    fn identity_values_lose_control_characters_and_are_bounded() {
+        assert_eq!(sanitized("Ann\r\nX-Admin: yes").as_deref(), Some("AnnX-Admin: yes"));
+        assert_eq!(sanitized("  José\u{0} \u{85}").as_deref(), Some("José"));
+        assert_eq!(sanitized("\t\r\n"), None);
+        let long = "é".repeat(MAX_IDENTITY_VALUE_BYTES);
+        let cut = sanitized(&long).unwrap();
+        assert!(cut.len() <= MAX_IDENTITY_VALUE_BYTES && cut.len() > MAX_IDENTITY_VALUE_BYTES - 2);
+        assert!(header_value("Zoë").is_some(), "UTF-8 is accepted by HeaderValue");
+    }
+
+    #[test]
+    fn return_path_is_always_relative_and_encoded() {
+        assert_eq!(percent_encode(return_path("/original?q=1")), "%2Foriginal%3Fq%3D1");
+        assert_eq!(return_path("//evil.example/x"), "/");
+        assert_eq!(return_path("/\\evil.example"), "/");
+        assert_eq!(return_path("https://evil.example/"), "/");
+        assert_eq!(percent_encode("/a b/ü"), "%2Fa%20b%2F%C3%BC");
+    }
+
+    #[test]
+    fn navigation_is_get_or_head_by_fetch_mode_then_accept() {
+        let parts = |method: &str, headers: &[(&str, &str)]| {
+            let mut b = Request::builder().method(method).uri("/x");
+            for (n, v) in headers {
+                b = b.header(*n, *v);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert!(is_navigation(&parts("GET", &[("sec-fetch-mode", "navigate")])));
+        assert!(is_navigation(&parts("HEAD", &[("accept", "text/html,application/xhtml+xml")])));
+        assert!(!is_navigation(&parts("GET", &[("sec-fetch-mode", "cors"), ("accept", "text/html")])));
+        assert!(!is_navigation(&parts("POST", &[("sec-fetch-mode", "navigate")])));
+        assert!(!is_navigation(&parts("GET", &[("accept", "application/json")])));
+    }
+}
