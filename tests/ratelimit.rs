@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::gate::{GateBuilder, TestGate, free_port};
+use common::introspection::FakeIntrospection;
 use common::redis::RedisServer;
 use common::upstream::FakeApp;
 use tempfile::TempDir;
@@ -30,6 +31,9 @@ redis_timeout = "50ms"
 limit = {limit}
 window = "60s"
 key = "ip"
+
+[log]
+audit_file = "/dev/null"
 "#
     ))
 }
@@ -264,4 +268,74 @@ fn https_port(dir: &TempDir) -> u16 {
     let text = std::fs::read_to_string(dir.path().join("config.toml")).unwrap();
     let listen = text.lines().find(|l| l.starts_with("listen = ")).unwrap();
     listen.trim_end_matches('"').rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn signed_in_users_each_get_their_own_quota_and_the_audit_names_them() {
+    let redis = RedisServer::start();
+    let app = FakeApp::start().await;
+    let idp = FakeIntrospection::start("session").await;
+    idp.add_user("alice-token", "alice", "Alice", "alice@example.com");
+    idp.add_user("bob-token", "bob", "Bob", "bob@example.com");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let gate = GateBuilder::new(&app.url())
+        .rest(&format!(
+            r#"
+[auth]
+introspection_url = "{idp}"
+cookies = ["session"]
+[[routes]]
+name = "api"
+path = "/api/"
+auth = "required"
+rate_limit = ["chatkit"]
+[rate_limit]
+redis_url = "{redis}"
+[rate_limit.policies.chatkit]
+limit = 5
+window = "60s"
+key = "user"
+[log]
+audit_file = "{audit}"
+"#,
+            idp = idp.url(),
+            redis = redis.url(),
+            audit = audit.display(),
+        ))
+        .start()
+        .await;
+    let client = gate.client();
+    let as_user = |token: &str| client.get(gate.url("/api/x")).header("cookie", format!("session={token}")).send();
+    for _ in 0..5 {
+        assert_eq!(as_user("alice-token").await.unwrap().status(), 200);
+    }
+    let r = as_user("alice-token").await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["retryAfter"], retry_after);
+    for remaining in (0..5).rev() {
+        let r = as_user("bob-token").await.unwrap();
+        assert_eq!(r.status(), 200, "bob is unaffected by alice's limit");
+        assert!(r.headers()["ratelimit"].to_str().unwrap().starts_with(&format!("\"chatkit\";r={remaining};")));
+    }
+    // Signed-out requests are answered by authentication before any limit is spent.
+    let r = client.get(gate.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let event = loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("RATE_LIMITED")) {
+            break serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no RATE_LIMITED audit event in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(event["user_id"], "alice");
+    assert_eq!(event["policy"], "chatkit");
+    assert_eq!(event["route"], "api");
+    assert_eq!(event["ip"], "127.0.0.1");
 }
