@@ -1090,6 +1090,9 @@ fn validate_rate_limit(raw: RawRateLimit, e: &mut Errors) -> RateLimitSettings {
         if window < Duration::from_millis(1) {
             e.push(format!("{key}.window"), "must be at least 1ms");
         }
+        if window > Duration::from_secs(30 * 86_400) {
+            e.push(format!("{key}.window"), "must be at most 30d");
+        }
         let burst = match (algorithm, p.burst) {
             (Algorithm::SlidingWindow, Some(_)) => {
                 e.push(format!("{key}.burst"), "only applies to algorithm = \"gcra\"");
@@ -1328,6 +1331,12 @@ mod tests {
         let errs = errors(&text);
         assert!(errs.contains(&"rate_limit.policies.chatkit.limit: must be at least 1".to_string()), "{errs:?}");
         assert!(errs.iter().any(|e| e.starts_with("routes[0].rate_limit[0]: unknown policy")), "{errs:?}");
+        let text = format!(
+            "{MINIMAL}\n[rate_limit]\nkey_prefix = \"a{{b\"\n[rate_limit.policies.week]\nlimit = 1\nwindow = \"31d\"\n"
+        );
+        let errs = errors(&text);
+        assert!(errs.contains(&"rate_limit.policies.week.window: must be at most 30d".to_string()), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("rate_limit.key_prefix: ")), "{errs:?}");
     }
 
     #[test]

@@ -113,7 +113,9 @@ impl LocalStore {
                         Some(State::Tat(tat)) => (*tat).max(now),
                         _ => now,
                     };
-                    admit &= tat + interval_us - i64::from(burst) * interval_us <= now;
+                    admit &=
+                        tat.saturating_add(interval_us).saturating_sub(i64::from(burst).saturating_mul(interval_us))
+                            <= now;
                     Reading::Tat(tat)
                 }
             };
@@ -140,13 +142,13 @@ impl LocalStore {
                         if let State::Log(log) = &mut entry.state {
                             log.push_back(now);
                         }
-                        entry.expires_us = now + window_us;
+                        entry.expires_us = now.saturating_add(window_us);
                         count += 1;
                     }
                     let wait = match inner.entries.get(c.key.as_str()).map(|e| &e.state) {
                         Some(State::Log(log)) if count > 0 => {
                             let idx = usize::try_from((count - limit).max(0)).unwrap_or(0);
-                            log.get(idx).map_or(0, |&t| (t + window_us - now).max(0))
+                            log.get(idx).map_or(0, |&t| t.saturating_add(window_us).saturating_sub(now).max(0))
                         }
                         _ => 0,
                     };
@@ -154,14 +156,19 @@ impl LocalStore {
                 }
                 (Algo::Gcra { burst, interval_us }, Reading::Tat(tat)) => {
                     let burst = i64::from(burst);
-                    let allowed = tat + interval_us - burst * interval_us <= now;
+                    let depth = burst.saturating_mul(interval_us);
+                    let allowed = tat.saturating_add(interval_us).saturating_sub(depth) <= now;
                     let mut tat = tat;
                     if admit && self.may_record(inner, &c.key, now) {
-                        tat += interval_us;
+                        tat = tat.saturating_add(interval_us);
                         inner.entries.insert(c.key.clone(), Entry { state: State::Tat(tat), expires_us: tat });
                     }
-                    let remaining = ((now + burst * interval_us - tat).div_euclid(interval_us)).clamp(0, burst);
-                    let wait = if remaining >= burst { 0 } else { tat - (burst - remaining - 1) * interval_us - now };
+                    let remaining = (now.saturating_add(depth).saturating_sub(tat) / interval_us).clamp(0, burst);
+                    let wait = if remaining >= burst {
+                        0
+                    } else {
+                        tat.saturating_sub((burst - remaining - 1).saturating_mul(interval_us)).saturating_sub(now)
+                    };
                     Outcome { allowed, remaining: remaining as u64, wait: micros(wait.max(0)) }
                 }
                 // A reading always matches its policy's algorithm.
