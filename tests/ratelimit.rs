@@ -50,6 +50,22 @@ async fn wait_for_readyz(gate: &TestGate, status: u16) {
     }
 }
 
+/// Under `local` and `allow` a gate is ready before its Redis connection is up (it serves
+/// degraded meanwhile); tests that count on Redis decisions wait for `gates` connections.
+async fn wait_for_connections(redis: &RedisServer, gates: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut con = redis.connection().await;
+        let clients: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut con).await.unwrap();
+        // Our own connection is one of them.
+        if clients.lines().count() > gates {
+            return;
+        }
+        assert!(Instant::now() < deadline, "gates never connected to redis:\n{clients}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn metric(text: &str, line_start: &str) -> u64 {
     text.lines()
         .find(|l| l.starts_with(line_start))
@@ -107,6 +123,7 @@ async fn two_gateways_sharing_one_redis_share_the_limit() {
     let store = format!("redis_url = \"{}\"", redis.url());
     let a = limited(&app, &store, 5).start().await;
     let b = limited(&app, &store, 5).start().await;
+    wait_for_connections(&redis, 2).await;
     let mut statuses = Vec::new();
     for i in 0..10 {
         let gate = if i % 2 == 0 { &a } else { &b };
@@ -140,6 +157,7 @@ async fn local_fallback_keeps_limiting_while_redis_is_dead() {
     let mut redis = RedisServer::start();
     let app = FakeApp::start().await;
     let gate = limited(&app, &format!("redis_url = \"{}\"", redis.url()), 3).start().await;
+    wait_for_connections(&redis, 1).await;
     assert_eq!(get(&gate, "/api/x").await.status(), 200);
 
     redis.kill();
@@ -305,6 +323,7 @@ audit_file = "{audit}"
         ))
         .start()
         .await;
+    wait_for_connections(&redis, 1).await;
     let client = gate.client();
     let as_user = |token: &str| client.get(gate.url("/api/x")).header("cookie", format!("session={token}")).send();
     for _ in 0..5 {
