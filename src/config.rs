@@ -183,6 +183,7 @@ struct RawRateLimit {
     redis_cluster: Option<Vec<String>>,
     redis_timeout: Option<String>,
     on_store_error: Option<String>,
+    key_prefix: Option<String>,
     #[serde(default)]
     policies: BTreeMap<String, RawPolicy>,
 }
@@ -395,6 +396,8 @@ pub struct RateLimitSettings {
     pub store: RateLimitStore,
     pub redis_timeout: Duration,
     pub on_store_error: OnStoreError,
+    /// Start of every Redis key (`<prefix>:rl:{...}`), so apps sharing one Redis stay apart.
+    pub key_prefix: String,
     pub policies: BTreeMap<String, PolicySettings>,
 }
 
@@ -1041,6 +1044,13 @@ fn validate_rate_limit(raw: RawRateLimit, e: &mut Errors) -> RateLimitSettings {
             OnStoreError::Local
         }
     };
+    let key_prefix = raw.key_prefix.unwrap_or_else(|| "chatkit-gate".into());
+    if key_prefix.is_empty()
+        || key_prefix.len() > 64
+        || !key_prefix.bytes().all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+    {
+        e.push("rate_limit.key_prefix", "must be 1 to 64 printable ASCII characters without '{' or '}'");
+    }
     let mut policies = BTreeMap::new();
     for (name, p) in raw.policies {
         let key = format!("rate_limit.policies.{name}");
@@ -1080,6 +1090,9 @@ fn validate_rate_limit(raw: RawRateLimit, e: &mut Errors) -> RateLimitSettings {
         if window < Duration::from_millis(1) {
             e.push(format!("{key}.window"), "must be at least 1ms");
         }
+        if window > Duration::from_secs(30 * 86_400) {
+            e.push(format!("{key}.window"), "must be at most 30d");
+        }
         let burst = match (algorithm, p.burst) {
             (Algorithm::SlidingWindow, Some(_)) => {
                 e.push(format!("{key}.burst"), "only applies to algorithm = \"gcra\"");
@@ -1111,6 +1124,7 @@ fn validate_rate_limit(raw: RawRateLimit, e: &mut Errors) -> RateLimitSettings {
             Duration::from_millis(50),
         ),
         on_store_error,
+        key_prefix,
         policies,
     }
 }
@@ -1317,6 +1331,12 @@ mod tests {
         let errs = errors(&text);
         assert!(errs.contains(&"rate_limit.policies.chatkit.limit: must be at least 1".to_string()), "{errs:?}");
         assert!(errs.iter().any(|e| e.starts_with("routes[0].rate_limit[0]: unknown policy")), "{errs:?}");
+        let text = format!(
+            "{MINIMAL}\n[rate_limit]\nkey_prefix = \"a{{b\"\n[rate_limit.policies.week]\nlimit = 1\nwindow = \"31d\"\n"
+        );
+        let errs = errors(&text);
+        assert!(errs.contains(&"rate_limit.policies.week.window: must be at most 30d".to_string()), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("rate_limit.key_prefix: ")), "{errs:?}");
     }
 
     #[test]

@@ -3,20 +3,23 @@
 //! and a circuit breaker so a dead Redis costs nothing once it is known to be dead.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
+use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, RedisFuture, ServerErrorKind, Value};
 
 use crate::config::RateLimitStore;
 use crate::metrics::Metrics;
 
 /// Consecutive failures that open the breaker.
 const BREAKER_THRESHOLD: u32 = 3;
-/// How long an open breaker refuses calls before letting one probe through.
-const BREAKER_OPEN: Duration = Duration::from_secs(1);
+/// A background task pings Redis this often while the breaker is open, and while no call has
+/// succeeded for as long. Requests never wait on a Redis known to be dead, and the breaker (and
+/// so `/readyz` under `deny`) follows Redis even with no traffic: `deny` takes the pod out of
+/// the Service, so requests could not be the probes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Why a store call did not produce an answer.
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +71,10 @@ impl ConnectionLike for Conn {
 struct Inner {
     conn: Mutex<Option<Conn>>,
     timeout: Duration,
+    /// Consecutive failed calls; the breaker is open at `BREAKER_THRESHOLD` and above.
     failures: AtomicU32,
-    /// Milliseconds since `epoch` until which the breaker is open (0 = closed).
-    open_until_ms: AtomicU64,
+    /// Milliseconds since `epoch` of the last successful call (the probe skips a busy Redis).
+    last_ok_ms: AtomicU64,
     epoch: Instant,
     metrics: Metrics,
 }
@@ -113,91 +117,28 @@ impl RedisStore {
                 conn: Mutex::new(None),
                 timeout,
                 failures: AtomicU32::new(0),
-                open_until_ms: AtomicU64::new(0),
+                last_ok_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
                 metrics,
             }),
         };
-        let weak = Arc::downgrade(&store.inner);
-        tokio::spawn(async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                match connector.connect(timeout).await {
-                    Ok(conn) => {
-                        if let Some(inner) = weak.upgrade() {
-                            if let Ok(mut slot) = inner.conn.lock() {
-                                *slot = Some(conn);
-                            }
-                            tracing::info!("connected to redis");
-                        }
-                        return;
-                    }
-                    Err(e) => {
-                        if weak.strong_count() == 0 {
-                            return;
-                        }
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "redis connect failed");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-        });
+        tokio::spawn(connect(connector, Arc::downgrade(&store.inner), timeout));
+        tokio::spawn(probe(Arc::downgrade(&store.inner)));
         Ok(Some(store))
     }
 
     /// False while the breaker is open or no connection was ever made.
     pub fn healthy(&self) -> bool {
-        let connected = self.inner.conn.lock().map(|c| c.is_some()).unwrap_or(false);
-        connected && self.inner.failures.load(Ordering::Relaxed) < BREAKER_THRESHOLD
+        self.inner.connection().is_some() && !self.inner.breaker_open()
     }
 
-    fn now_ms(&self) -> u64 {
-        self.inner.epoch.elapsed().as_millis() as u64
-    }
-
+    /// A connection to use, or why there is none. An open breaker answers at once: the
+    /// background probe, not a request, finds out when Redis is back.
     fn admit(&self) -> Result<Conn, StoreError> {
-        let open_until = self.inner.open_until_ms.load(Ordering::Relaxed);
-        if open_until != 0 {
-            let now = self.now_ms();
-            if now < open_until {
-                return Err(StoreError::CircuitOpen);
-            }
-            // Half-open: let this one call probe, hold the rest back for another period.
-            if self
-                .inner
-                .open_until_ms
-                .compare_exchange(
-                    open_until,
-                    now + BREAKER_OPEN.as_millis() as u64,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_err()
-            {
-                return Err(StoreError::CircuitOpen);
-            }
+        if self.inner.breaker_open() {
+            return Err(StoreError::CircuitOpen);
         }
-        let conn = self.inner.conn.lock().ok().and_then(|c| c.clone());
-        conn.ok_or(StoreError::NotConnected)
-    }
-
-    fn record(&self, ok: bool) {
-        if ok {
-            if self.inner.failures.swap(0, Ordering::Relaxed) >= BREAKER_THRESHOLD {
-                tracing::info!("redis reachable again; circuit breaker closed");
-            }
-            self.inner.open_until_ms.store(0, Ordering::Relaxed);
-        } else {
-            self.inner.metrics.redis_errors.inc();
-            let n = self.inner.failures.fetch_add(1, Ordering::Relaxed) + 1;
-            if n >= BREAKER_THRESHOLD {
-                if n == BREAKER_THRESHOLD {
-                    tracing::error!(failures = n, "redis failing; circuit breaker open");
-                }
-                self.inner.open_until_ms.store(self.now_ms() + BREAKER_OPEN.as_millis() as u64, Ordering::Relaxed);
-            }
-        }
+        self.inner.connection().ok_or(StoreError::NotConnected)
     }
 
     /// Run one command with the timeout and the breaker.
@@ -224,18 +165,124 @@ impl RedisStore {
         self.inner.metrics.redis_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(v)) => {
-                self.record(true);
+                self.inner.record(true);
                 Ok(v)
             }
             Ok(Err(e)) => {
-                self.record(false);
+                if refused_call(&e) {
+                    // Redis answered: it is up, so this does not count towards the breaker.
+                    self.inner.metrics.redis_errors.inc();
+                    self.inner.record(true);
+                } else {
+                    self.inner.record(false);
+                }
                 Err(StoreError::Redis(e))
             }
             Err(_) => {
-                self.record(false);
+                self.inner.record(false);
                 Err(StoreError::Timeout)
             }
         }
+    }
+}
+
+/// True when Redis answered but refused this one call (a script error, a key of the wrong type):
+/// a fault of the call, not an outage of Redis.
+fn refused_call(e: &redis::RedisError) -> bool {
+    match e.kind() {
+        ErrorKind::Server(
+            ServerErrorKind::ResponseError
+            | ServerErrorKind::CrossSlot
+            | ServerErrorKind::NoPerm
+            | ServerErrorKind::ExecAbort
+            | ServerErrorKind::NoScript,
+        )
+        | ErrorKind::UnexpectedReturnType
+        | ErrorKind::Parse => true,
+        ErrorKind::Extension => e.code() == Some("WRONGTYPE"),
+        _ => false,
+    }
+}
+
+impl Inner {
+    fn connection(&self) -> Option<Conn> {
+        self.conn.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn breaker_open(&self) -> bool {
+        self.failures.load(Ordering::Relaxed) >= BREAKER_THRESHOLD
+    }
+
+    /// Count a call's outcome; logs only when the breaker changes state.
+    fn record(&self, ok: bool) {
+        if ok {
+            self.last_ok_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            if self.failures.swap(0, Ordering::Relaxed) >= BREAKER_THRESHOLD {
+                tracing::info!("redis reachable again; circuit breaker closed");
+            }
+        } else {
+            self.metrics.redis_errors.inc();
+            if self.failures.fetch_add(1, Ordering::Relaxed) + 1 == BREAKER_THRESHOLD {
+                tracing::error!(
+                    failures = BREAKER_THRESHOLD,
+                    timeout_ms = self.timeout.as_millis() as u64,
+                    "redis failing; circuit breaker open, calls fail fast until a probe succeeds"
+                );
+            }
+        }
+    }
+}
+
+/// Connect in the background, retrying with backoff until it works (then the connection
+/// reconnects by itself). The first failure is a warning; the retries are debug noise.
+async fn connect(connector: Connector, weak: Weak<Inner>, timeout: Duration) {
+    let mut delay = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        match connector.connect(timeout).await {
+            Ok(conn) => {
+                if let Some(inner) = weak.upgrade() {
+                    if let Ok(mut slot) = inner.conn.lock() {
+                        *slot = Some(conn);
+                    }
+                    tracing::info!("connected to redis");
+                }
+                return;
+            }
+            Err(e) => {
+                if weak.strong_count() == 0 {
+                    return;
+                }
+                if warned {
+                    tracing::debug!(error = %e, retry_in_ms = delay.as_millis() as u64, "redis connect failed");
+                } else {
+                    tracing::warn!(error = %e, "redis connect failed; retrying in the background");
+                    warned = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// PING Redis every `PROBE_INTERVAL` while the breaker is open (the first answer closes it) or
+/// no call succeeded within the interval (so a Redis that dies while idle is noticed).
+async fn probe(weak: Weak<Inner>) {
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        let idle_ms =
+            (inner.epoch.elapsed().as_millis() as u64).saturating_sub(inner.last_ok_ms.load(Ordering::Relaxed));
+        if !inner.breaker_open() && idle_ms < PROBE_INTERVAL.as_millis() as u64 {
+            continue;
+        }
+        let Some(mut conn) = inner.connection() else { continue };
+        let ping = redis::cmd("PING");
+        let result = tokio::time::timeout(inner.timeout, ping.query_async::<Value>(&mut conn)).await;
+        inner.record(matches!(result, Ok(Ok(_))));
     }
 }
 
