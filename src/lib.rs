@@ -8,6 +8,7 @@ pub mod auth;
 pub mod body;
 pub mod chatkit;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod context;
 pub mod error;

@@ -1,20 +1,12 @@
 //! The introspection call: which credentials a request carries, the pooled client that asks the
 //! introspection URL about them, and how its answer is read (identity, cacheability, cookies).
 
-use std::fs::File;
-use std::io::BufReader;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use bytes::Bytes;
 use http::header::{ACCEPT, CACHE_CONTROL, COOKIE, HOST, SET_COOKIE, USER_AGENT};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::Histogram;
 use sha2::{Digest, Sha256};
 
@@ -224,7 +216,7 @@ pub(crate) fn cache_limit(headers: &HeaderMap) -> Option<Duration> {
     s_maxage.or(max_age)
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpsClient = crate::client::HttpsClient<Empty<Bytes>>;
 
 /// The pooled keep-alive client for the introspection URL (one per gate, never per request).
 pub(crate) struct Introspector {
@@ -237,39 +229,13 @@ pub(crate) struct Introspector {
 
 impl Introspector {
     pub fn new(settings: &AuthSettings, duration: Histogram) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        if let Some(path) = &settings.ca_file {
-            let file = File::open(path).with_context(|| format!("auth.ca_file: cannot open {}", path.display()))?;
-            let mut added = 0;
-            for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
-                let cert = cert.with_context(|| format!("auth.ca_file: cannot read {}", path.display()))?;
-                roots.add(cert).with_context(|| format!("auth.ca_file: bad certificate in {}", path.display()))?;
-                added += 1;
-            }
-            anyhow::ensure!(added > 0, "auth.ca_file: no certificate in {}", path.display());
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("auth: TLS client configuration")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(settings.timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
-            .build(connector);
+        let client = crate::client::https_client(crate::client::ClientOptions {
+            ca_file: settings.ca_file.as_deref(),
+            ca_key: "auth.ca_file",
+            connect_timeout: settings.timeout,
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 64,
+        })?;
         Ok(Introspector {
             client,
             url: settings.introspection_url.clone(),

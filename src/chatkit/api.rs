@@ -2,7 +2,6 @@
 //! changes, never logged), `create` and `cancel`, and the API's failures classified for the
 //! browser (a status) and for the log (the API's message and `x-request-id`).
 
-use std::io::BufReader;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -11,10 +10,6 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Deserialize;
 
 use crate::config::{ChatKitSettings, SecretSource};
@@ -205,7 +200,7 @@ impl ApiKey {
 
 /// The client for `{api_base}/chatkit/sessions`.
 pub struct ApiClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: crate::client::HttpsClient<Full<Bytes>>,
     base: String,
     timeout: Duration,
     key: ApiKey,
@@ -215,24 +210,13 @@ pub struct ApiClient {
 impl ApiClient {
     /// Build the pooled client. Fails only on an unusable `ca_file`.
     pub fn new(settings: &ChatKitSettings, metrics: Metrics) -> anyhow::Result<ApiClient> {
-        let tls = tls_config(settings)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(settings.timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(32)
-            .build(https);
+        let client = crate::client::https_client(crate::client::ClientOptions {
+            ca_file: settings.ca_file.as_deref(),
+            ca_key: "chatkit.ca_file",
+            connect_timeout: settings.timeout,
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle_per_host: 32,
+        })?;
         if let Some(host) = plain_http_remote_host(&settings.api_base) {
             tracing::warn!(
                 api_base = %settings.api_base,
@@ -343,37 +327,6 @@ impl ApiClient {
     }
 }
 
-fn tls_config(settings: &ChatKitSettings) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = &settings.ca_file {
-        let added = load_ca(&mut roots, path).map_err(|e| anyhow::anyhow!("chatkit.ca_file: {e}"))?;
-        tracing::info!(file = %path.display(), certificates = added, "extra CA loaded for the ChatKit API");
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| anyhow::anyhow!("TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
-/// Add the PEM certificates of `path`; an unreadable file or one without a certificate is an error.
-fn load_ca(roots: &mut rustls::RootCertStore, path: &std::path::Path) -> Result<usize, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(file))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
-    }
-    let (added, _ignored) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(format!("{} holds no usable CA certificate", path.display()));
-    }
-    Ok(added)
-}
-
 /// Problems with the API settings `chatkit-gate check` reports, by key.
 pub fn check(settings: &ChatKitSettings) -> Vec<(String, String)> {
     let mut problems = Vec::new();
@@ -385,7 +338,7 @@ pub fn check(settings: &ChatKitSettings) -> Vec<(String, String)> {
         problems.push((key.to_string(), msg));
     }
     if let Some(path) = &settings.ca_file
-        && let Err(msg) = load_ca(&mut rustls::RootCertStore::empty(), path)
+        && let Err(msg) = crate::client::load_ca(&mut rustls::RootCertStore::empty(), path)
     {
         problems.push(("chatkit.ca_file".to_string(), msg));
     }

@@ -1,0 +1,79 @@
+//! Outbound HTTPS clients (the introspection URL, the ChatKit API): public web PKI roots plus an
+//! optional extra CA, ALPN h2/http1.1, one pooled keep-alive client per destination.
+
+use std::io::BufReader;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+/// A pooled client for `http://` and `https://` URLs.
+pub type HttpsClient<B> = Client<HttpsConnector<HttpConnector>, B>;
+
+/// How a client connects and pools.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientOptions<'a> {
+    /// Extra PEM CA certificates trusted on top of the public roots.
+    pub ca_file: Option<&'a Path>,
+    /// The config key named in errors about `ca_file`, e.g. `auth.ca_file`.
+    pub ca_key: &'a str,
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+/// Add the PEM certificates of `path`; an unreadable file or one without a usable certificate is
+/// an error (in words safe to show).
+pub fn load_ca(roots: &mut rustls::RootCertStore, path: &Path) -> Result<usize, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(file))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!("{} holds no usable CA certificate", path.display()));
+    }
+    Ok(added)
+}
+
+/// Build the client once, at startup (never per request).
+pub fn https_client<B>(opts: ClientOptions<'_>) -> anyhow::Result<HttpsClient<B>>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = opts.ca_file {
+        let added = load_ca(&mut roots, path).map_err(|e| anyhow::anyhow!("{}: {e}", opts.ca_key))?;
+        tracing::info!(key = opts.ca_key, file = %path.display(), certificates = added, "extra CA loaded");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("TLS client setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(opts.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(opts.pool_idle_timeout)
+        .pool_max_idle_per_host(opts.pool_max_idle_per_host)
+        .build(connector))
+}
