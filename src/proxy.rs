@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use http::header::SET_COOKIE;
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -22,12 +22,10 @@ use crate::context::RequestContext;
 use crate::error::GateError;
 use crate::https;
 use crate::metrics::Metrics;
-use crate::ratelimit::{RateLimitHeaders, RateLimiter};
+use crate::ratelimit::RateLimiter;
 use crate::routes::{RouteKind, RouteTable};
 use crate::upstream::{self, Forwarded, Upstream, X_FORWARDED_PROTO, X_REQUEST_ID};
 
-static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// Identity headers are stripped with this prefix when `[auth]` is absent.
 const DEFAULT_PREFIX: &str = "x-auth-request-";
 
@@ -236,9 +234,8 @@ impl Gateway {
         for cookie in auth.set_cookies {
             headers.append(SET_COOKIE, cookie);
         }
-        if let Some(RateLimitHeaders { policy, limit }) = limits {
-            headers.insert(&RATELIMIT_POLICY, policy);
-            headers.insert(&RATELIMIT, limit);
+        if let Some(limits) = limits {
+            limits.apply(headers);
         }
         (resp, error)
     }
