@@ -218,7 +218,8 @@ impl Gateway {
         };
         let result = match ctx.route.kind {
             RouteKind::ChatKit(endpoint) => match (&self.chatkit, auth.identity.clone()) {
-                (Some(ck), Some(identity)) => ck.handle(endpoint, parts, body, identity, ctx).await,
+                // Boxed: a rare path with a large future, kept out of every proxied request's state.
+                (Some(ck), Some(identity)) => Box::pin(ck.handle(endpoint, parts, body, identity, ctx)).await,
                 _ => Err(GateError::Unauthorized),
             },
             RouteKind::Proxy => {
