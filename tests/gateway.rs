@@ -368,41 +368,43 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     }
 }
 
-#[test]
-fn check_names_every_bad_key_and_exits_1() {
+/// Run `chatkit-gate check` on a config text; the exit code and what it printed to stderr.
+fn run_check(text: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
-        "[server]\nlisten = \"127.0.0.1:8443\"\nheader_timeout = \"ten seconds\"\nlisten_port = 9\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n",
-    )
-    .unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatkit-gate"))
         .args(["check", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn check_names_every_bad_key_and_exits_1() {
+    let (code, stderr) = run_check(
+        "[server]\nlisten = \"127.0.0.1:8443\"\nheader_timeout = \"ten seconds\"\nlisten_port = 9\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n",
+    );
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("server.listen_port: unknown key"), "{stderr}");
     assert!(stderr.contains("server.header_timeout: invalid duration"), "{stderr}");
 }
 
 #[test]
 fn check_reports_missing_certificate_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
+    let (code, stderr) = run_check(
         "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\ncert_file = \"/nonexistent/tls.crt\"\nkey_file = \"/nonexistent/tls.key\"\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatkit-gate"))
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    );
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("tls.cert_file: cannot read /nonexistent/tls.crt"), "{stderr}");
+}
+
+#[test]
+fn check_accepts_a_valid_file() {
+    let (code, stderr) = run_check(
+        "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 #[test]
