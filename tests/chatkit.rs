@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::eventually;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -256,14 +258,6 @@ struct Answer {
     headers: reqwest::header::HeaderMap,
     body: Value,
     raw: String,
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::eventually;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -259,14 +261,6 @@ impl Harness {
         for needle in needles {
             assert!(!haystack.contains(&needle), "leaked {needle:?} in:\n{haystack}");
         }
-    }
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
