@@ -180,6 +180,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 /// With `upgrade`, `Connection: upgrade` and `Upgrade` survive (the tunnel needs them).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // A message framed by Transfer-Encoding ignores Content-Length (RFC 9112 §6.3); forwarding
+    // both would let the next hop frame it differently (request smuggling). Hyper re-frames.
+    if headers.contains_key(TRANSFER_ENCODING) {
+        headers.remove(http::header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -291,6 +296,18 @@ mod tests {
         remove_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn content_length_beside_transfer_encoding_is_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.is_empty());
+        h.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h[http::header::CONTENT_LENGTH], "5");
     }
 
     #[test]

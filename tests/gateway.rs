@@ -456,3 +456,24 @@ async fn connections_past_max_connections_wait_for_a_free_slot() {
     let ok = tokio::time::timeout(Duration::from_secs(5), second).await.expect("served once a slot freed").unwrap();
     assert!(ok);
 }
+
+#[tokio::test]
+async fn content_length_beside_chunked_encoding_never_reaches_the_app() {
+    let app = FakeApp::start().await;
+    let gate = GateBuilder::new(&app.url()).start().await;
+    let mut tls = certs::tls_connect(gate.https, "localhost", &gate.ca_pem, &["http/1.1"]).await.unwrap();
+    let req = "POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    if text.starts_with("HTTP/1.1 200") {
+        let seen = app.last();
+        assert!(!seen.headers.contains_key("content-length"), "{:?}", seen.headers);
+        assert_eq!(seen.body_len, 5);
+    } else {
+        // Refusing the ambiguous message outright is fine too; forwarding it is not.
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        assert_eq!(app.count(), 0);
+    }
+}
