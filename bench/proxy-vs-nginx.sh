@@ -74,9 +74,30 @@ cat >> "$TMP/gate-auth.toml" <<TOML
 introspection_url = "http://127.0.0.1:18080/auth"
 cookies = ["session"]
 TOML
+# The authenticated gate plus a rate limit kept in Redis (high enough never to reject).
+RL=""
+if command -v redis-server >/dev/null; then
+    redis-server --port 16379 --save "" --appendonly no --daemonize no >/dev/null 2>&1 & PIDS+=($!)
+    sed -e 's/19444/19445/; s/19091/19092/' "$TMP/gate-auth.toml" > "$TMP/gate-rl.toml"
+    cat >> "$TMP/gate-rl.toml" <<TOML
+[[routes]]
+path = "/"
+auth = "required"
+rate_limit = ["api"]
+[rate_limit]
+redis_url = "redis://127.0.0.1:16379"
+[rate_limit.policies.api]
+algorithm = "gcra"
+limit = 1000000
+window = "1s"
+key = "user"
+TOML
+    RL=1
+fi
 # One worker thread, like nginx's one worker process: the same CPU budget.
 TOKIO_WORKER_THREADS=1 "$GATE" --config "$TMP/gate.toml" --log-level warn & PIDS+=($!)
 TOKIO_WORKER_THREADS=1 "$GATE" --config "$TMP/gate-auth.toml" --log-level warn & PIDS+=($!)
+[ -n "$RL" ] && { TOKIO_WORKER_THREADS=1 "$GATE" --config "$TMP/gate-rl.toml" --log-level warn & PIDS+=($!); }
 sleep 1
 
 run() {
@@ -90,3 +111,4 @@ run "nginx proxy" "https://127.0.0.1:18443/"
 run "chatkit-gate proxy" "https://127.0.0.1:19443/"
 run "nginx proxy + auth_request" "https://127.0.0.1:18444/"
 run "chatkit-gate proxy + auth (cached)" "https://127.0.0.1:19444/"
+[ -n "$RL" ] && run "chatkit-gate proxy + auth + Redis rate limit" "https://127.0.0.1:19445/"
