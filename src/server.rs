@@ -277,7 +277,7 @@ where
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(peer = %peer, error = %e, "connection ended with error");
+                    log_connection_error(peer, e.as_ref());
                 }
                 return;
             }
@@ -292,6 +292,23 @@ where
                 }
             }
         }
+    }
+}
+
+/// Malformed, oversize or too-slow requests never reach the pipeline (hyper answers 400/431 or
+/// closes the connection): they get a log line here. Peers hanging up are only debug noise.
+fn log_connection_error(peer: SocketAddr, e: &(dyn std::error::Error + 'static)) {
+    match e.downcast_ref::<hyper::Error>() {
+        Some(he) if he.is_parse_too_large() => {
+            tracing::info!(client_ip = %peer.ip(), error = %he, "request headers too large: answered 431");
+        }
+        Some(he) if he.is_parse() => {
+            tracing::info!(client_ip = %peer.ip(), error = %he, "malformed request: answered 400")
+        }
+        Some(he) if he.is_timeout() => {
+            tracing::info!(client_ip = %peer.ip(), error = %he, "request headers too slow: connection closed")
+        }
+        _ => tracing::debug!(client_ip = %peer.ip(), error = %e, "connection ended with error"),
     }
 }
 

@@ -495,3 +495,30 @@ async fn content_length_beside_chunked_encoding_never_reaches_the_app() {
         assert_eq!(app.count(), 0);
     }
 }
+
+#[test]
+fn malformed_and_oversize_requests_are_answered_and_logged() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt.block_on(FakeApp::start());
+    let mut gate = GateBuilder::new(&app.url()).spawn_process();
+    let (https, ca) = (gate.https, gate.ca_pem.clone());
+    let answers = rt.block_on(async move {
+        let mut out = Vec::new();
+        let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(70_000));
+        for req in ["GARBAGE\r\n\r\n".to_string(), big] {
+            let mut tls = certs::tls_connect(https, "localhost", &ca, &["http/1.1"]).await.unwrap();
+            let _ = tls.write_all(req.as_bytes()).await;
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+            out.push(String::from_utf8_lossy(&buf).lines().next().unwrap_or("").to_string());
+        }
+        out
+    });
+    assert_eq!(answers, ["HTTP/1.1 400 Bad Request", "HTTP/1.1 431 Request Header Fields Too Large"]);
+    gate.signal("TERM");
+    assert!(gate.wait_exit(Duration::from_secs(10)).success());
+    let logs = gate.logs();
+    assert!(logs.contains("malformed request: answered 400"), "{logs}");
+    assert!(logs.contains("request headers too large: answered 431"), "{logs}");
+    assert_eq!(app.count(), 0);
+}
