@@ -165,9 +165,8 @@ pub(super) fn validate_chatkit(
         }
     };
     let api_base = raw.api_base.unwrap_or_else(|| "https://api.openai.com/v1".into());
-    if e.http_url("chatkit.api_base", &api_base, true).is_none() {
-        // reported
-    }
+    // Only validated here (problems are pushed); the client parses it again per call path.
+    let _ = e.http_url("chatkit.api_base", &api_base, true);
     let api_base = api_base.trim_end_matches('/').to_string();
     let workflow_id = match raw.workflow_id {
         Some(w) if !w.trim().is_empty() => w,

@@ -94,7 +94,7 @@ pub(super) fn validate(raw: RawConfig, e: &mut Errors) -> Option<Config> {
     let routes = validate_routes(raw.routes, auth.is_some(), rate_limit.as_ref(), e);
     let log = validate_log(raw.log, e);
 
-    if let (Some(server), Some(upstream)) = (&server, &upstream) {
+    if let Some(server) = &server {
         if let Some(redirect) = server.redirect_listen
             && redirect == server.listen
         {
@@ -103,7 +103,6 @@ pub(super) fn validate(raw: RawConfig, e: &mut Errors) -> Option<Config> {
         if admin.listen == server.listen {
             e.push("admin.listen", "must differ from server.listen (metrics never on the public port)");
         }
-        let _ = upstream;
     }
     if let (Some(chatkit), Some(auth)) = (&chatkit, &auth) {
         for var in &chatkit.state_variables {
