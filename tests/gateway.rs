@@ -522,3 +522,14 @@ fn malformed_and_oversize_requests_are_answered_and_logged() {
     assert!(logs.contains("request headers too large: answered 431"), "{logs}");
     assert_eq!(app.count(), 0);
 }
+
+#[test]
+fn sigint_also_drains_and_exits_zero() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt.block_on(FakeApp::start());
+    let mut gate = GateBuilder::new(&app.url()).spawn_process();
+    gate.signal("INT");
+    let exit = gate.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "exit {exit:?}; log:\n{}", gate.logs());
+    assert!(gate.logs().contains("\"signal\":\"SIGINT\""), "{}", gate.logs());
+}
