@@ -6,11 +6,12 @@
 
 mod common;
 
+use common::logs::Logs;
+
 use common::eventually;
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::fake_openai::{FakeChatKit, Mode, RATE_LIMIT_RETRY_AFTER_SECS, TEST_API_KEY, TEST_WORKFLOW_ID};
@@ -22,33 +23,6 @@ use serde_json::{Value, json};
 
 const ALICE_COOKIE: &str = "alice-cookie-3f9a1c77e2b04d5d9e8f";
 const BOB_COOKIE: &str = "bob-cookie-8b21d0aa41c94f6e7a3c";
-
-/// Log lines written while a test runs (the gate runs on the test's thread).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
-    let logs = Logs::default();
-    let writer = logs.0.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || LogWriter(writer.clone()))
-        .finish();
-    (logs, tracing::subscriber::set_default(subscriber))
-}
 
 /// Shared pieces of one scenario: identity provider, ChatKit API, app, Redis, key file.
 struct World {
@@ -73,7 +47,7 @@ enum Store {
 
 impl World {
     async fn new(store: Store) -> World {
-        let (logs, guard) = capture_logs();
+        let (logs, guard) = common::logs::capture();
         let idp = FakeIntrospection::start("session").await;
         idp.add_user(ALICE_COOKIE, "user-alice", "Alice", "alice@example.com");
         idp.add_user(BOB_COOKIE, "user-bob", "Bob", "bob@example.com");
@@ -234,7 +208,7 @@ audit_file = "{audit}"
         }
         // Let the audit writer catch up.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut haystack = self.logs.0.lock().unwrap().clone();
+        let mut haystack = self.logs.text().into_bytes();
         for i in 0..gates.len().max(1) {
             haystack.extend(std::fs::read(self.audit_path(i)).unwrap_or_default());
         }
@@ -484,7 +458,7 @@ async fn api_failures_become_gateway_errors_and_session_failed_events() {
     let bodies = w.seen.lock().unwrap().join("\n");
     for words in ["Incorrect API key", "Workflow with id", "Rate limit reached", "server had an error"] {
         assert!(!bodies.contains(words), "{words:?} reached the browser");
-        assert!(String::from_utf8_lossy(&w.logs.0.lock().unwrap()).contains(words), "{words:?} not logged");
+        assert!(w.logs.text().contains(words), "{words:?} not logged");
     }
     assert_eq!(
         w.metric(&gate, r#"chatkit_gate_chatkit_sessions_total{endpoint="session",result="failed"}"#).await,

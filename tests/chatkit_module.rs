@@ -5,9 +5,10 @@
 
 mod common;
 
+use common::logs::Logs;
+
 use common::eventually;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,28 +30,6 @@ use common::redis::RedisServer;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-
-/// Log lines written while a test runs (tracing, at debug level, as JSON).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 struct Harness {
     fake: FakeChatKit,
@@ -118,14 +97,7 @@ history = {{ enabled = true, recent_threads = 5 }}
 }
 
 async fn start(setup: Setup) -> Harness {
-    let logs = Logs::default();
-    let writer = logs.0.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || LogWriter(writer.clone()))
-        .finish();
-    let guard = tracing::subscriber::set_default(subscriber);
+    let (logs, guard) = common::logs::capture();
     let fake = match setup.fake {
         Some(f) => f,
         None => FakeChatKit::start_default().await,

@@ -219,18 +219,10 @@ fn date_from_today(days: i64) -> ((i32, u8, u8), i64) {
     (civil_from_days(day), day * 86_400)
 }
 
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+/// Days since 1970-01-01 to (year, month, day): the gate's own date arithmetic.
 fn civil_from_days(days: i64) -> (i32, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year as i32, month as u8, day as u8)
+    let (y, m, d) = chatkit_gate::audit::civil_from_days(days);
+    (y as i32, m as u8, d as u8)
 }
 
 fn make_leaf(ca: &CertifiedIssuer<'static, KeyPair>, name: &str) -> Leaf {

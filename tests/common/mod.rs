@@ -6,6 +6,7 @@ pub mod certs;
 pub mod fake_openai;
 pub mod gate;
 pub mod introspection;
+pub mod logs;
 pub mod redis;
 pub mod upstream;
 
