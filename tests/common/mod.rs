@@ -7,6 +7,7 @@ pub mod fake_openai;
 pub mod gate;
 pub mod introspection;
 pub mod logs;
+pub mod permissive_app;
 pub mod redis;
 pub mod upstream;
 
