@@ -66,9 +66,9 @@ async fn raw(gate: &TestGate, request: &[u8]) -> String {
         }
         let text = String::from_utf8_lossy(&buf);
         if let Some(end) = text.find("\r\n\r\n") {
-            let len = text[..end]
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+            let len = text[..end].lines().find_map(|l| {
+                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            });
             if len.is_some_and(|len| buf.len() >= end + 4 + len) {
                 break;
             }
@@ -108,13 +108,7 @@ fn h2_req(gate: &TestGate, path: &str) -> http::request::Builder {
 /// A path as the permissive app's most trusting reading of it would route it.
 fn route_of(path: &str) -> &'static str {
     let under = |p: &str, prefix: &str| p == prefix || p.starts_with(&format!("{prefix}/"));
-    if under(path, "/login") {
-        "public"
-    } else if path.starts_with("/public/") {
-        "public"
-    } else {
-        "protected"
-    }
+    if under(path, "/login") || path.starts_with("/public/") { "public" } else { "protected" }
 }
 
 // 1. Upgrade tunnels ---------------------------------------------------------------------------
@@ -146,7 +140,9 @@ async fn h2c_upgrade_on_a_public_route_is_never_tunnelled() {
 async fn upgrades_outside_the_allow_list_or_answered_with_another_protocol_are_refused() {
     let w = world("").await;
     // Not in server.upgrades (default ["websocket"]): forwarded as a plain request.
-    let a = raw(&w.gate, b"GET /login HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade, close\r\nUpgrade: foo/1\r\n\r\n").await;
+    let a =
+        raw(&w.gate, b"GET /login HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade, close\r\nUpgrade: foo/1\r\n\r\n")
+            .await;
     assert_eq!(status_of(&a), 200, "{a}");
     assert_eq!(w.app.last().env("upgrade"), None);
     // WebSocket asked, the app switches to something else: 502, no tunnel.
@@ -164,7 +160,9 @@ async fn upgrades_outside_the_allow_list_or_answered_with_another_protocol_are_r
 #[tokio::test]
 async fn an_upgrade_on_a_protected_route_still_needs_a_session() {
     let w = world("").await;
-    let a = raw(&w.gate, b"GET /api/ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await;
+    let a =
+        raw(&w.gate, b"GET /api/ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await;
     assert_eq!(status_of(&a), 401, "{a}");
     assert_eq!(w.app.count(), 0);
 }
@@ -214,11 +212,14 @@ async fn dot_segments_and_encoded_separators_never_reach_a_protected_handler() {
     let port = w.gate.https.port();
     for target in PATH_ATTACKS {
         // Origin form, absolute form, and HTTP/2 :path.
-        let a = raw(&w.gate, format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await;
+        let a =
+            raw(&w.gate, format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+                .await;
         assert_app_trusts(&w, target, status_of(&a));
         let a = raw(
             &w.gate,
-            format!("GET https://localhost:{port}{target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET https://localhost:{port}{target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await;
         assert_app_trusts(&w, target, status_of(&a));
@@ -229,7 +230,12 @@ async fn dot_segments_and_encoded_separators_never_reach_a_protected_handler() {
         assert_app_trusts(&w, target, status);
     }
     // The resolved path is what a signed-in request reaches, and what the app is told.
-    let a = raw(&w.gate, format!("GET /login/../api/x HTTP/1.1\r\nHost: localhost\r\nCookie: {ALICE}\r\nConnection: close\r\n\r\n").as_bytes()).await;
+    let a = raw(
+        &w.gate,
+        format!("GET /login/../api/x HTTP/1.1\r\nHost: localhost\r\nCookie: {ALICE}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
     assert_eq!(status_of(&a), 200, "{a}");
     let seen = w.app.last();
     assert_eq!((seen.target.as_str(), seen.env("x-auth-request-user")), ("/api/x", Some("u-alice")));
@@ -242,8 +248,11 @@ async fn dot_segments_and_encoded_separators_never_reach_a_protected_handler() {
 #[tokio::test]
 async fn route_prefixes_match_on_segment_boundaries() {
     let w = world("").await;
-    for (path, status) in [("/login", 200), ("/login/x", 200), ("/login?next=1", 200), ("/loginx", 401), ("/login-admin", 401)] {
-        let a = raw(&w.gate, format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await;
+    for (path, status) in
+        [("/login", 200), ("/login/x", 200), ("/login?next=1", 200), ("/loginx", 401), ("/login-admin", 401)]
+    {
+        let a = raw(&w.gate, format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+            .await;
         assert_eq!(status_of(&a), status, "{path}: {a}");
     }
     assert_eq!(w.app.count(), 3);
@@ -383,7 +392,16 @@ async fn client_ip_and_url_override_headers_from_untrusted_peers_are_removed() {
     .await;
     assert_eq!(status_of(&a), 200, "{a}");
     let seen = w.app.last();
-    for h in ["forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "x-original-url", "x-rewrite-url", "proxy", "x-original-method"] {
+    for h in [
+        "forwarded",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "proxy",
+        "x-original-method",
+    ] {
         assert_eq!(seen.env(h), None, "{h} reached the app");
     }
 }
@@ -403,7 +421,11 @@ async fn connect_is_refused_with_405() {
 #[tokio::test]
 async fn admin_listener_caps_connections_and_times_out_slow_headers() {
     let app = FakeApp::start().await;
-    let gate = GateBuilder::new(&app.url()).server("header_timeout = \"1s\"").rest("max_connections = 8 # [admin]\n").start().await;
+    let gate = GateBuilder::new(&app.url())
+        .server("header_timeout = \"1s\"")
+        .rest("max_connections = 8 # [admin]\n")
+        .start()
+        .await;
     // Fill it with half-sent requests.
     let mut held = Vec::new();
     for _ in 0..40 {
@@ -424,7 +446,8 @@ async fn admin_listener_caps_connections_and_times_out_slow_headers() {
     // The held ones are cut by the header timeout; /healthz answers again after it.
     let started = Instant::now();
     loop {
-        let ok = tokio::time::timeout(Duration::from_millis(500), common::gate::admin_get(gate.admin, "/healthz")).await;
+        let ok =
+            tokio::time::timeout(Duration::from_millis(500), common::gate::admin_get(gate.admin, "/healthz")).await;
         if matches!(ok, Ok((200, _))) {
             break;
         }
@@ -436,8 +459,7 @@ async fn admin_listener_caps_connections_and_times_out_slow_headers() {
 #[tokio::test]
 async fn websocket_tunnels_hold_their_connection_slot_and_close_when_idle() {
     let app = FakeApp::start().await;
-    let gate =
-        GateBuilder::new(&app.url()).server("max_connections = 1\nidle_timeout = \"1500ms\"").start().await;
+    let gate = GateBuilder::new(&app.url()).server("max_connections = 1\nidle_timeout = \"1500ms\"").start().await;
     let tls = certs::tls_connect(gate.https, "localhost", &gate.ca_pem, &["http/1.1"]).await.unwrap();
     let url = format!("wss://localhost:{}/ws", gate.https.port());
     let (mut ws, resp) = tokio_tungstenite::client_async(url, tls).await.unwrap();
@@ -493,7 +515,8 @@ async fn oversize_headers_get_their_431_every_time_on_both_protocols() {
     let big = "a".repeat(64 * 1024);
     let mut h1 = 0;
     for _ in 0..20 {
-        let a = raw(&w.gate, format!("GET /login HTTP/1.1\r\nHost: localhost\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
+        let a =
+            raw(&w.gate, format!("GET /login HTTP/1.1\r\nHost: localhost\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
         if status_of(&a) == 431 {
             h1 += 1;
         }
@@ -573,12 +596,13 @@ mod property {
         let b = s.as_bytes();
         let mut i = 0;
         while i < b.len() {
-            if b[i] == b'%' && i + 2 < b.len() {
-                if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    out.push(v);
-                    i += 3;
-                    continue;
-                }
+            if b[i] == b'%'
+                && i + 2 < b.len()
+                && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            {
+                out.push(v);
+                i += 3;
+                continue;
             }
             out.push(b[i]);
             i += 1;

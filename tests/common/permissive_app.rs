@@ -63,8 +63,11 @@ impl PermissiveApp {
     pub async fn start() -> PermissiveApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state =
-            Arc::new(State { seen: Mutex::new(Vec::new()), tunnelled: Mutex::new(Vec::new()), switch_to: Mutex::new(None) });
+        let state = Arc::new(State {
+            seen: Mutex::new(Vec::new()),
+            tunnelled: Mutex::new(Vec::new()),
+            switch_to: Mutex::new(None),
+        });
         let st = state.clone();
         tokio::spawn(async move {
             loop {
