@@ -203,7 +203,7 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
 /// The header-list size hyper's HTTP/2 side accepts: well above `max_header_bytes`, which the
 /// gate enforces itself with a 431.
 fn h2_header_list_limit(max_header_bytes: usize) -> u32 {
-    u32::try_from(max_header_bytes.saturating_mul(4).max(128 * 1024)).unwrap_or(u32::MAX)
+    u32::try_from(max_header_bytes.saturating_mul(8).max(256 * 1024)).unwrap_or(u32::MAX)
 }
 
 struct ConnCtx {
