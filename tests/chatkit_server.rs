@@ -1,0 +1,392 @@
+//! ChatKit-server routes against the real `openai-chatkit` server (examples/chatkit-server,
+//! from PyPI, pinned in tests/requirements.txt), through the gate over TLS: what the server
+//! received is asserted, not only the status.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::chatkit_server::{ChatKitApp, create, sdk_parses_stream_event};
+use common::gate::{GateBuilder, TestGate};
+use common::introspection::FakeIntrospection;
+use common::redis::RedisServer;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+/// A ChatKit-server route at /chatkit with every rule on; `store` is the `[rate_limit]` store line.
+fn gate_for(app: &ChatKitApp, intro: &FakeIntrospection, store: &str, extra: &str) -> GateBuilder {
+    GateBuilder::new(&app.base()).rest(&format!(
+        r#"
+[auth]
+introspection_url = "{intro}"
+cookies = ["session"]
+[auth.claims]
+tier = "/user/tier"
+
+[[routes]]
+name = "chatkit"
+path = "/chatkit"
+[routes.chatkit_server]
+max_body_bytes = 16384
+max_list_limit = 50
+max_message_chars = 200
+max_attachments = 2
+max_concurrent_streams = 1
+{extra}
+[routes.chatkit_server.rate_limit]
+"threads.create" = ["ck_msg"]
+"threads.add_user_message" = ["ck_msg"]
+[routes.chatkit_server.models]
+claim = "tier"
+[routes.chatkit_server.models.allow]
+free = ["small"]
+pro = ["*"]
+
+[rate_limit]
+{store}
+[rate_limit.policies.ck_msg]
+limit = 3
+window = "60s"
+key = "user"
+
+[log]
+audit_file = "/dev/null"
+"#,
+        intro = intro.url()
+    ))
+}
+
+async fn users() -> FakeIntrospection {
+    let intro = FakeIntrospection::start("session").await;
+    intro.add_user("tok-alice", "alice", "Alice", "alice@example.com");
+    intro.add_user("tok-carol", "carol", "Carol", "carol@example.com");
+    intro.set_answer("tok-bob", json!({"user": {"id": "bob", "tier": "free"}}));
+    intro
+}
+
+async fn post(gate: &TestGate, token: &str, body: &Value) -> reqwest::Response {
+    gate.client()
+        .post(gate.url("/chatkit"))
+        .header("cookie", format!("session={token}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `data:` events of an SSE body.
+fn events(body: &str) -> Vec<Value> {
+    body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
+fn list() -> Value {
+    json!({"type": "threads.list", "params": {"limit": 20, "order": "desc"}})
+}
+
+#[tokio::test]
+async fn a_message_stream_arrives_event_by_event_over_http1_and_http2() {
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let gate = gate_for(&app, &intro, "", "").start().await;
+    for client in [gate.client(), gate.client_h2()] {
+        let resp = client
+            .post(gate.url("/chatkit"))
+            .header("cookie", "session=tok-alice")
+            .header("content-type", "application/json")
+            .body(create("stream:4:300").to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream; charset=utf-8");
+        let started = Instant::now();
+        let mut arrivals = Vec::new();
+        let mut body = String::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.unwrap();
+            if String::from_utf8_lossy(&chunk).contains("text_delta") {
+                arrivals.push(started.elapsed());
+            }
+            body.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        // Four deltas 300 ms apart arrive as they are written, not at the end.
+        assert!(arrivals.len() >= 3, "deltas arrived in {} chunks: {arrivals:?}", arrivals.len());
+        assert!(arrivals.last().unwrap().saturating_sub(arrivals[0]) >= Duration::from_millis(500), "{arrivals:?}");
+        let evs = events(&body);
+        assert_eq!(evs.first().unwrap()["type"], "thread.created");
+        assert_eq!(evs.last().unwrap()["type"], "thread.item.done");
+    }
+    let state = app.state().await;
+    assert_eq!(state["completed"], 2);
+    // The server got the identity from the gate's header.
+    assert_eq!(state["requests"][0]["user"], "alice");
+    gate.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn list_reads_do_not_use_the_message_quota_and_the_next_message_never_reaches_the_server() {
+    let redis = RedisServer::start();
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut builder = gate_for(&app, &intro, &format!("redis_url = \"{}\"", redis.url()), "");
+    builder.rest = builder.rest.replace("/dev/null", audit.to_str().unwrap());
+    let gate = builder.start().await;
+    for _ in 0..6 {
+        assert_eq!(post(&gate, "tok-alice", &list()).await.status(), 200);
+    }
+    for i in 0..3 {
+        let resp = post(&gate, "tok-alice", &create("stream:1:1")).await;
+        assert_eq!(resp.status(), 200);
+        let remaining = resp.headers()["ratelimit"].to_str().unwrap().to_string();
+        assert!(remaining.starts_with(&format!("\"ck_msg\";r={};", 2 - i)), "{remaining}");
+        assert_eq!(events(&resp.text().await.unwrap()).last().unwrap()["type"], "thread.item.done");
+    }
+    // The fourth message in the window: an in-thread ChatKit error event, not forwarded.
+    let resp = post(&gate, "tok-alice", &create("hello")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert!(resp.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    let body = resp.text().await.unwrap();
+    let evs = events(&body);
+    assert_eq!(evs.len(), 1, "{body}");
+    assert_eq!((evs[0]["type"].as_str(), evs[0]["code"].as_str(), evs[0]["allow_retry"].as_bool()), (Some("error"), Some("custom"), Some(true)));
+    // The SDK's own types accept the event.
+    let data = body.trim().strip_prefix("data: ").unwrap();
+    assert_eq!(sdk_parses_stream_event(data), Ok("ErrorEvent".to_string()));
+    // Reads still pass; another user has their own quota.
+    assert_eq!(post(&gate, "tok-alice", &list()).await.status(), 200);
+    assert_eq!(post(&gate, "tok-carol", &create("stream:1:1")).await.status(), 200);
+
+    let types = app.types().await;
+    assert_eq!(types.iter().filter(|t| *t == "threads.create").count(), 4, "{types:?}");
+    assert_eq!(types.iter().filter(|t| *t == "threads.list").count(), 7, "{types:?}");
+    let metrics = gate.metrics().await;
+    assert!(metrics.contains(r#"chatkit_gate_chatkit_requests_total{decision="rate_limited",route="chatkit",type="threads.create"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"chatkit_gate_chatkit_requests_total{decision="allowed",route="chatkit",type="threads.list"} 7"#), "{metrics}");
+    gate.stop().await.unwrap();
+    // One CHATKIT_REQUEST line per request: user, type, decision; never the message text.
+    let lines = std::fs::read_to_string(&audit).unwrap();
+    let events: Vec<Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ck: Vec<&Value> = events.iter().filter(|e| e["event"] == "CHATKIT_REQUEST").collect();
+    assert_eq!(ck.len(), 13, "{lines}");
+    assert!(ck.iter().any(|e| e["user_id"] == "alice" && e["chatkit_type"] == "threads.create" && e["reason"] == "rate_limited"), "{lines}");
+    assert!(!lines.contains("hello"), "message content in the audit log: {lines}");
+}
+
+/// Stream A holds the user's only stream lease: B is refused, and after A ends or is aborted
+/// the next stream is admitted at once.
+async fn concurrency_round(gate: &TestGate, app: &ChatKitApp) {
+    let limited = |resp: &reqwest::Response| resp.status() == 429;
+    // A: a long stream, read until the first delta.
+    let a = post(gate, "tok-alice", &create("stream:50:100")).await;
+    assert_eq!(a.status(), 200);
+    let mut a_stream = a.bytes_stream();
+    while let Some(chunk) = a_stream.next().await {
+        if String::from_utf8_lossy(&chunk.unwrap()).contains("text_delta") {
+            break;
+        }
+    }
+    let b = post(gate, "tok-alice", &create("stream:1:1")).await;
+    assert!(limited(&b), "second concurrent stream got {}", b.status());
+    assert_eq!(b.headers()["retry-after"], "1");
+    assert_eq!(b.json::<Value>().await.unwrap()["error"], "Too many requests");
+    // Another user is not affected; a non-streaming read is not a stream.
+    assert_eq!(post(gate, "tok-carol", &create("stream:1:1")).await.status(), 200);
+    assert_eq!(post(gate, "tok-alice", &list()).await.status(), 200);
+
+    // Abort A: the lease is given back and the server's generator is cancelled.
+    let cancelled = app.state().await["cancelled"].as_u64().unwrap();
+    drop(a_stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let c = loop {
+        let c = post(gate, "tok-alice", &create("stream:2:50")).await;
+        if !limited(&c) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the aborted stream's lease was never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(c.status(), 200);
+    // C runs to its end; right after, D is admitted.
+    assert_eq!(events(&c.text().await.unwrap()).last().unwrap()["type"], "thread.item.done");
+    let d = post(gate, "tok-alice", &create("stream:1:1")).await;
+    assert_eq!(d.status(), 200, "stream right after the previous one ended");
+    d.text().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.state().await["cancelled"].as_u64().unwrap() <= cancelled {
+        assert!(Instant::now() < deadline, "the server's generator was not cancelled by the abort");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_second_concurrent_stream_is_limited_until_the_first_ends_or_is_aborted_redis() {
+    let redis = RedisServer::start();
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let store = format!("redis_url = \"{}\"", redis.url());
+    let gate = gate_for(&app, &intro, &store, "limit_response = \"json\"").start().await;
+    concurrency_round(&gate, &app).await;
+    // Leases live in Redis, hash-tagged on the user.
+    let mut con = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*streams*").query_async(&mut con).await.unwrap();
+    assert!(keys.iter().any(|k| k.contains("{u:alice}")), "{keys:?}");
+    gate.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_concurrent_stream_is_limited_until_the_first_ends_or_is_aborted_in_process() {
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let gate = gate_for(&app, &intro, "", "limit_response = \"json\"").start().await;
+    concurrency_round(&gate, &app).await;
+    gate.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn content_rules_answer_before_the_server_sees_anything() {
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let gate = gate_for(&app, &intro, "", "").start().await;
+    let long = create(&"x".repeat(201));
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (long, 413, "Message too long"),
+        (json!({"type": "threads.create", "params": {"input": {"content": [], "attachments": ["a", "b", "c"], "inference_options": {}}}}), 413, "Too many attachments"),
+        (json!({"type": "threads.list", "params": {"limit": 51}}), 400, "params.limit is above this route's max_list_limit"),
+        (json!({"type": "items.list", "params": {"thread_id": "thr_x", "limit": 100000}}), 400, "params.limit is above this route's max_list_limit"),
+        (json!({"type": "threads.drop_tables", "params": {}}), 400, "Unknown ChatKit request type"),
+        (json!({"params": {}}), 400, "Invalid ChatKit request"),
+        (json!({"type": "threads.create", "params": {"input": {"content": [{"type": "input_text", "text": "hi"}], "attachments": [], "inference_options": {"model": "big"}}}}), 403, "Model not allowed"),
+    ];
+    for (body, status, message) in &cases {
+        let resp = post(&gate, "tok-bob", body).await;
+        assert_eq!(resp.status().as_u16(), *status, "{body}");
+        assert_eq!(resp.json::<Value>().await.unwrap()["error"], *message, "{body}");
+    }
+    // A whole body over max_body_bytes, a duplicated type, not JSON, not POST.
+    let big = json!({"type": "threads.list", "params": {}, "metadata": {"pad": "y".repeat(20_000)}});
+    assert_eq!(post(&gate, "tok-bob", &big).await.status(), 413);
+    let dup = r#"{"type":"threads.list","type":"threads.create","params":{}}"#;
+    let resp = gate.client().post(gate.url("/chatkit")).header("cookie", "session=tok-bob").header("content-type", "application/json").body(dup).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = gate.client().post(gate.url("/chatkit")).header("cookie", "session=tok-bob").header("content-type", "text/plain").body(list().to_string()).send().await.unwrap();
+    assert_eq!(resp.status(), 415);
+    let resp = gate.client().get(gate.url("/chatkit")).header("cookie", "session=tok-bob").send().await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.headers()["allow"].to_str().unwrap()), (405, "POST"));
+    // Unauthenticated: 401, nothing forwarded.
+    let resp = gate.client().post(gate.url("/chatkit")).header("content-type", "application/json").body(list().to_string()).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(app.types().await, Vec::<String>::new(), "a refused request reached the server");
+
+    // The same user within the rules: a small model, a pro user any model; limit at the cap.
+    let ok = json!({"type": "threads.create", "params": {"input": {"content": [{"type": "input_text", "text": "stream:1:1"}], "attachments": [], "inference_options": {"model": "small"}}}});
+    assert_eq!(post(&gate, "tok-bob", &ok).await.status(), 200);
+    let mut pro = ok.clone();
+    pro["params"]["input"]["inference_options"]["model"] = json!("big");
+    assert_eq!(post(&gate, "tok-alice", &pro).await.status(), 200);
+    assert_eq!(post(&gate, "tok-bob", &json!({"type": "threads.list", "params": {"limit": 50}})).await.status(), 200);
+    assert_eq!(app.types().await, vec!["threads.create", "threads.create", "threads.list"]);
+    gate.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_server_receives_exactly_the_bytes_the_client_sent() {
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let gate = gate_for(&app, &intro, "", "").start().await;
+    // Odd spacing and key order: a re-serialised body would differ in length.
+    let raw = "{ \"params\" : {\"limit\":3,\"order\":\"asc\"},   \"type\":\"threads.list\" ,\"metadata\":{\"a\":\"\\u00e9\"}}";
+    let resp = gate.client().post(gate.url("/chatkit")).header("cookie", "session=tok-alice").header("content-type", "application/json").body(raw).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let state = app.state().await;
+    assert_eq!(state["requests"][0]["bytes"].as_u64().unwrap(), raw.len() as u64);
+    gate.stop().await.unwrap();
+}
+
+/// The request log lines (message "request") captured so far.
+fn request_lines(logs: &common::logs::Logs) -> Vec<Value> {
+    logs.text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "request")
+        .collect()
+}
+
+fn metric(metrics: &str, line_start: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line_start} not in metrics:\n{metrics}"))
+}
+
+#[tokio::test]
+async fn an_aborted_stream_is_logged_and_counted_as_aborted() {
+    let (logs, _guard) = common::logs::capture();
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let gate = gate_for(&app, &intro, "", "").start().await;
+    let resp = post(&gate, "tok-alice", &create("stream:100:50")).await;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut deltas = 0;
+    while let Some(chunk) = stream.next().await {
+        deltas += String::from_utf8_lossy(&chunk.unwrap()).matches("text_delta").count();
+        if deltas >= 3 {
+            break;
+        }
+    }
+    // Nothing is logged while the stream runs.
+    assert!(request_lines(&logs).is_empty(), "logged before the body ended: {:?}", request_lines(&logs));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while request_lines(&logs).is_empty() {
+        assert!(Instant::now() < deadline, "the aborted stream was never logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = &request_lines(&logs)[0]["fields"];
+    assert_eq!((line["route"].as_str(), line["status"].as_u64(), line["outcome"].as_str()), (Some("chatkit"), Some(200), Some("client_aborted")), "{line}");
+    assert!(line["duration_ms"].as_f64().unwrap() >= 400.0, "{line}");
+    let m = gate.metrics().await;
+    assert_eq!(metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="client_aborted",route="chatkit"}"#), 1.0);
+    assert_eq!(metric(&m, "chatkit_gate_http_requests_in_flight"), 0.0);
+    gate.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_60_second_stream_is_logged_with_its_real_duration() {
+    let (logs, _guard) = common::logs::capture();
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let gate = gate_for(&app, &intro, "", "").start().await;
+    let started = Instant::now();
+    let resp = post(&gate, "tok-alice", &create("stream:60:1000")).await;
+    assert_eq!(resp.status(), 200);
+    let headers_after = started.elapsed();
+    let body = resp.text().await.unwrap();
+    assert_eq!(events(&body).last().unwrap()["type"], "thread.item.done");
+    assert!(started.elapsed() >= Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while request_lines(&logs).is_empty() {
+        assert!(Instant::now() < deadline, "the stream was never logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = &request_lines(&logs)[0]["fields"];
+    assert_eq!(line["outcome"], "complete", "{line}");
+    let ms = line["duration_ms"].as_f64().unwrap();
+    assert!(ms >= 60_000.0 && ms < 70_000.0, "logged {ms} ms; headers came after {headers_after:?}");
+    assert!(line["stream_ms"].as_f64().unwrap() >= 59_000.0, "{line}");
+    let m = gate.metrics().await;
+    assert_eq!(metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="complete",route="chatkit"}"#), 1.0);
+    // The request histogram saw a request of at least 60 s (nothing in the 30 s bucket).
+    assert_eq!(metric(&m, r#"chatkit_gate_http_request_duration_seconds_bucket{route="chatkit",le="30"}"#), 0.0);
+    assert_eq!(metric(&m, r#"chatkit_gate_http_request_duration_seconds_count{route="chatkit"}"#), 1.0);
+    gate.stop().await.unwrap();
+}
