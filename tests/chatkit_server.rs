@@ -57,6 +57,21 @@ audit_file = "/dev/null"
     ))
 }
 
+/// A gate is ready before its Redis connection is up (it serves from the in-process fallback
+/// meanwhile); tests that count on Redis wait for its connection.
+async fn wait_for_gate_connection(redis: &RedisServer) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut con = redis.connection().await;
+        let clients: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut con).await.unwrap();
+        if clients.lines().count() > 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the gate never connected to redis:\n{clients}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn users() -> FakeIntrospection {
     let intro = FakeIntrospection::start("session").await;
     intro.add_user("tok-alice", "alice", "Alice", "alice@example.com");
@@ -136,6 +151,7 @@ async fn list_reads_do_not_use_the_message_quota_and_the_next_message_never_reac
     let mut builder = gate_for(&app, &intro, &format!("redis_url = \"{}\"", redis.url()), "");
     builder.rest = builder.rest.replace("/dev/null", audit.to_str().unwrap());
     let gate = builder.start().await;
+    wait_for_gate_connection(&redis).await;
     for _ in 0..6 {
         assert_eq!(post(&gate, "tok-alice", &list()).await.status(), 200);
     }
@@ -168,12 +184,15 @@ async fn list_reads_do_not_use_the_message_quota_and_the_next_message_never_reac
     let metrics = gate.metrics().await;
     assert!(metrics.contains(r#"chatkit_gate_chatkit_requests_total{decision="rate_limited",route="chatkit",type="threads.create"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"chatkit_gate_chatkit_requests_total{decision="allowed",route="chatkit",type="threads.list"} 7"#), "{metrics}");
+    // Decided in Redis: one script call per request, the per-type policy with the route's.
+    assert!(metrics.contains(r#"chatkit_gate_rate_limit_decisions_total{decision="limited",policy="ck_msg",source="redis"} 1"#), "{metrics}");
     gate.stop().await.unwrap();
     // One CHATKIT_REQUEST line per request: user, type, decision; never the message text.
     let lines = std::fs::read_to_string(&audit).unwrap();
     let events: Vec<Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let ck: Vec<&Value> = events.iter().filter(|e| e["event"] == "CHATKIT_REQUEST").collect();
-    assert_eq!(ck.len(), 13, "{lines}");
+    // 6 + 1 reads, 3 + 1 messages of alice (the last limited), 1 message of carol.
+    assert_eq!(ck.len(), 12, "{lines}");
     assert!(ck.iter().any(|e| e["user_id"] == "alice" && e["chatkit_type"] == "threads.create" && e["reason"] == "rate_limited"), "{lines}");
     assert!(!lines.contains("hello"), "message content in the audit log: {lines}");
 }
@@ -231,11 +250,31 @@ async fn a_second_concurrent_stream_is_limited_until_the_first_ends_or_is_aborte
     let intro = users().await;
     let store = format!("redis_url = \"{}\"", redis.url());
     let gate = gate_for(&app, &intro, &store, "limit_response = \"json\"").start().await;
+    wait_for_gate_connection(&redis).await;
     concurrency_round(&gate, &app).await;
-    // Leases live in Redis, hash-tagged on the user.
+    // A held lease lives in Redis, hash-tagged on the user, with a TTL; it is gone once released.
+    // (carol: alice's 3 messages of the window are used up.)
+    let held = post(&gate, "tok-carol", &create("stream:50:100")).await;
+    assert_eq!(held.status(), 200);
+    let mut held = held.bytes_stream();
+    held.next().await.unwrap().unwrap();
     let mut con = redis.connection().await;
     let keys: Vec<String> = redis::cmd("KEYS").arg("*streams*").query_async(&mut con).await.unwrap();
-    assert!(keys.iter().any(|k| k.contains("{u:alice}")), "{keys:?}");
+    let all: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut con).await.unwrap();
+    assert_eq!(keys.len(), 1, "{all:?}");
+    assert!(keys[0].contains("{u:carol}"), "{keys:?}");
+    let ttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query_async(&mut con).await.unwrap();
+    assert!(ttl > 500_000 && ttl <= 600_000, "lease TTL {ttl} ms");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n: i64 = redis::cmd("ZCARD").arg(&keys[0]).query_async(&mut con).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lease not released in Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     gate.stop().await.unwrap();
 }
 
@@ -367,7 +406,23 @@ async fn a_60_second_stream_is_logged_with_its_real_duration() {
     let intro = users().await;
     let gate = gate_for(&app, &intro, "", "").start().await;
     let started = Instant::now();
-    let resp = post(&gate, "tok-alice", &create("stream:60:1000")).await;
+    // The test clients time out after 10 s: this one has no overall timeout.
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(gate.ca_pem.as_bytes()).unwrap())
+        .no_proxy()
+        .http1_only()
+        .build()
+        .unwrap();
+    let resp = client
+        .post(gate.url("/chatkit"))
+        .header("cookie", "session=tok-alice")
+        .header("content-type", "application/json")
+        .body(create("stream:60:1000").to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let headers_after = started.elapsed();
     let body = resp.text().await.unwrap();
