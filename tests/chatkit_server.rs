@@ -445,3 +445,43 @@ async fn a_60_second_stream_is_logged_with_its_real_duration() {
     assert_eq!(metric(&m, r#"chatkit_gate_http_request_duration_seconds_count{route="chatkit"}"#), 1.0);
     gate.stop().await.unwrap();
 }
+
+/// The README's "Protecting a self-hosted ChatKit server" config block, as written.
+fn readme_block() -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("<!-- chatkit-server-example").expect("README marker");
+    let block = &readme[start..readme.find("<!-- /chatkit-server-example -->").unwrap()];
+    let toml = block.split("```toml\n").nth(1).unwrap();
+    toml[..toml.find("```").unwrap()].to_string()
+}
+
+#[tokio::test]
+async fn the_readme_example_runs_as_written() {
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let rest = format!(
+        "[auth]\nintrospection_url = \"{}\"\ncookies = [\"session\"]\n[auth.claims]\ntier = \"/user/tier\"\n\n{}\n[log]\naudit_file = \"/dev/null\"\n",
+        intro.url(),
+        readme_block()
+    );
+    let gate = GateBuilder::new(&app.base()).rest(&rest).start().await;
+    for _ in 0..10 {
+        let resp = post(&gate, "tok-alice", &create("stream:1:1")).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(events(&resp.text().await.unwrap()).last().unwrap()["type"], "thread.item.done");
+    }
+    // ck_msg: 10 a minute. The 11th is an in-thread error; reads go on.
+    let body = post(&gate, "tok-alice", &create("hi")).await.text().await.unwrap();
+    assert_eq!(events(&body)[0]["type"], "error", "{body}");
+    assert_eq!(post(&gate, "tok-alice", &list()).await.status(), 200);
+    // Free tier: the default small model only.
+    let mut msg = create("stream:1:1");
+    msg["params"]["input"]["inference_options"]["model"] = json!("gpt-4.1");
+    assert_eq!(post(&gate, "tok-bob", &msg).await.status(), 403);
+    msg["params"]["input"]["inference_options"]["model"] = json!("gpt-4.1-mini");
+    assert_eq!(post(&gate, "tok-bob", &msg).await.status(), 200);
+    assert_eq!(post(&gate, "tok-bob", &json!({"type": "threads.list", "params": {"limit": 101}})).await.status(), 400);
+    let types = app.types().await;
+    assert_eq!(types.iter().filter(|t| *t == "threads.create").count(), 11, "{types:?}");
+    gate.stop().await.unwrap();
+}
