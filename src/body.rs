@@ -47,6 +47,9 @@ impl BodyEnd {
 /// Carried by a body and told once how it ended (then dropped): the access log, duration
 /// metrics, in-flight accounting and concurrency leases end here, not at the headers.
 pub trait BodyGuard: Send + Sync {
+    /// Each data frame as it passes (most guards ignore them).
+    fn data(&mut self, _chunk: &Bytes) {}
+
     fn finished(&mut self, end: BodyEnd);
 }
 
@@ -54,6 +57,11 @@ pub trait BodyGuard: Send + Sync {
 struct Both(Box<dyn BodyGuard>, Box<dyn BodyGuard>);
 
 impl BodyGuard for Both {
+    fn data(&mut self, chunk: &Bytes) {
+        self.0.data(chunk);
+        self.1.data(chunk);
+    }
+
     fn finished(&mut self, end: BodyEnd) {
         // Inner first: a lease is given back before the request is logged as finished.
         self.0.finished(end);
@@ -133,11 +141,17 @@ impl Body for GateBody {
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Incoming { body } => body.poll_frame(cx).map_err(Into::into),
         };
-        if this.guard.is_some() {
+        if let Some(guard) = this.guard.as_mut() {
             let end = match &polled {
                 Poll::Ready(None) => Some(BodyEnd::Complete),
                 Poll::Ready(Some(Err(_))) => Some(BodyEnd::UpstreamError),
-                _ => None,
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        guard.data(data);
+                    }
+                    None
+                }
+                Poll::Pending => None,
             };
             if let (Some(end), Some(mut guard)) = (end, end.and_then(|_| this.guard.take())) {
                 guard.finished(end);

@@ -308,8 +308,8 @@ impl Gateway {
                     Ok(a) => {
                         let f = Forwarded { peer, peer_trusted, https: ctx.https, request_id: &ctx.request_id };
                         limits = a.limits;
-                        self.forward(a.parts, a.body, &f).await.map(|r| match a.lease {
-                            Some(lease) => r.map(|b| b.with_guard(Box::new(lease))),
+                        self.forward(a.parts, a.body, &f).await.map(|r| match a.guard {
+                            Some(guard) => r.map(|b| b.with_guard(guard)),
                             None => r,
                         })
                     }

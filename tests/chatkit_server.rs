@@ -485,3 +485,63 @@ async fn the_readme_example_runs_as_written() {
     assert_eq!(types.iter().filter(|t| *t == "threads.create").count(), 11, "{types:?}");
     gate.stop().await.unwrap();
 }
+
+async fn ownership_round(gate: &TestGate, app: &ChatKitApp) {
+    let body = post(gate, "tok-alice", &create("stream:1:1")).await.text().await.unwrap();
+    let evs = events(&body);
+    assert_eq!(evs[0]["type"], "thread.created");
+    let thread = evs[0]["thread"]["id"].as_str().unwrap().to_string();
+    let get = json!({"type": "threads.get_by_id", "params": {"thread_id": thread}});
+    let msg = json!({"type": "threads.add_user_message", "params": {"thread_id": thread, "input": {"content": [{"type": "input_text", "text": "stream:1:1"}], "attachments": [], "inference_options": {}}}});
+    // The owner is recorded off the stream: wait until it is known.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = post(gate, "tok-carol", &get).await;
+        if resp.status() == 403 {
+            assert_eq!(resp.json::<Value>().await.unwrap()["error"], "Forbidden");
+            break;
+        }
+        assert!(Instant::now() < deadline, "another user's thread was never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = app.state().await["requests"].as_array().unwrap().len();
+    assert_eq!(post(gate, "tok-carol", &get).await.status(), 403);
+    assert_eq!(post(gate, "tok-carol", &msg).await.status(), 403);
+    assert_eq!(post(gate, "tok-carol", &json!({"type": "items.list", "params": {"thread_id": thread}})).await.status(), 403);
+    let state = app.state().await;
+    let requests = state["requests"].as_array().unwrap();
+    assert!(requests[before..].iter().all(|r| r["user"] != "carol"), "carol reached the server: {requests:?}");
+    // The owner goes on; a thread the gate never saw created is not refused.
+    assert_eq!(post(gate, "tok-alice", &get).await.status(), 200);
+    assert_eq!(post(gate, "tok-alice", &msg).await.status(), 200);
+    let unknown = json!({"type": "threads.get_by_id", "params": {"thread_id": "thr_unknown"}});
+    assert_ne!(post(gate, "tok-carol", &unknown).await.status(), 403);
+}
+
+#[tokio::test]
+async fn another_users_thread_is_forbidden_redis() {
+    let redis = RedisServer::start();
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let store = format!("redis_url = \"{}\"", redis.url());
+    let gate = gate_for(&app, &intro, &store, "thread_ownership = true").start().await;
+    wait_for_gate_connection(&redis).await;
+    ownership_round(&gate, &app).await;
+    let mut con = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*:ck:owner:*").query_async(&mut con).await.unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let owner: String = redis::cmd("GET").arg(&keys[0]).query_async(&mut con).await.unwrap();
+    assert_eq!(owner, "alice");
+    let ttl: i64 = redis::cmd("TTL").arg(&keys[0]).query_async(&mut con).await.unwrap();
+    assert!(ttl > 29 * 86_400, "owner TTL {ttl}");
+    gate.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn another_users_thread_is_forbidden_in_process() {
+    let app = ChatKitApp::start().await;
+    let intro = users().await;
+    let gate = gate_for(&app, &intro, "", "thread_ownership = true").start().await;
+    ownership_round(&gate, &app).await;
+    gate.stop().await.unwrap();
+}

@@ -55,6 +55,8 @@ pub(super) struct RawChatKitServer {
     #[serde(default)]
     pub(super) rate_limit: BTreeMap<String, Vec<String>>,
     pub(super) models: Option<RawModels>,
+    pub(super) thread_ownership: Option<bool>,
+    pub(super) thread_ownership_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +112,9 @@ pub struct ChatKitServerSettings {
     /// Extra rate-limit policies by request type, checked with the route's in one round trip.
     pub rate_limit: BTreeMap<String, Vec<String>>,
     pub models: Option<ModelRule>,
+    /// Remember who created each thread and answer 403 to another user's `params.thread_id`.
+    pub thread_ownership: bool,
+    pub thread_ownership_ttl: Duration,
 }
 
 impl ChatKitServerSettings {
@@ -216,7 +221,22 @@ pub(super) fn validate_chatkit_server(
         };
         Some(ModelRule { claim, allow: m.allow, default: m.default })
     });
+    let own_key = format!("{key}.thread_ownership_ttl");
+    let thread_ownership_ttl = match raw.thread_ownership_ttl.as_deref().map(parse_duration) {
+        None => Duration::from_secs(30 * 86_400),
+        Some(Ok(d)) if d >= Duration::from_secs(1) => d,
+        Some(Ok(_)) => {
+            e.push(&own_key, "must be at least 1s");
+            Duration::from_secs(30 * 86_400)
+        }
+        Some(Err(m)) => {
+            e.push(&own_key, m);
+            Duration::from_secs(30 * 86_400)
+        }
+    };
     ChatKitServerSettings {
+        thread_ownership: raw.thread_ownership.unwrap_or(false),
+        thread_ownership_ttl,
         max_body_bytes,
         max_body_bytes_by_type: by_type,
         allow_unknown_types,

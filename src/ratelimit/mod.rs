@@ -155,11 +155,6 @@ pub struct Lease {
     held: Held,
 }
 
-impl crate::body::BodyGuard for Lease {
-    /// Given back when dropped, right after this.
-    fn finished(&mut self, _: crate::body::BodyEnd) {}
-}
-
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease").field("key", &self.key).finish()
@@ -478,6 +473,19 @@ impl RateLimiter {
             error: too_many(wait, plan.policy_header.clone(), limit),
             concurrency: binding.is_some_and(|(c, _)| c.policy.lease),
         })
+    }
+
+    /// The Redis store decisions are kept in, if any (other per-user state may live beside them).
+    pub fn redis_store(&self) -> Option<RedisStore> {
+        match &self.backend {
+            Backend::Redis(r) => Some(r.store().clone()),
+            Backend::Local => None,
+        }
+    }
+
+    /// Start of every key this limiter writes.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// False when the store is down and `on_store_error = "deny"` (drives `/readyz`).

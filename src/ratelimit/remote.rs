@@ -31,6 +31,10 @@ impl RedisLimiter {
         }
     }
 
+    pub fn store(&self) -> &RedisStore {
+        &self.store
+    }
+
     pub fn healthy(&self) -> bool {
         self.store.healthy()
     }

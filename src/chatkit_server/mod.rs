@@ -7,7 +7,10 @@
 //! (`openai-chatkit`'s `ChatKitServer.process`), so the `type` is what tells a thread-list read
 //! from a message that starts model work.
 
+mod owners;
+
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
@@ -18,7 +21,7 @@ use serde::de::IgnoredAny;
 
 use crate::audit::{Audit, AuditEvent, AuditKind};
 use crate::auth::Identity;
-use crate::body::{GateBody, ReadBodyError, read_limited};
+use crate::body::{BodyEnd, BodyGuard, GateBody, ReadBodyError, read_limited};
 use crate::config::{CHATKIT_TYPES, ChatKitServerSettings, Config, LimitResponse, STREAMING_TYPES};
 use crate::context::RequestContext;
 use crate::error::GateError;
@@ -31,13 +34,36 @@ const OTHER: &str = "other";
 /// Thread ids longer than this are cut in audit lines (they come from the client).
 const MAX_AUDIT_ID: usize = 128;
 
+use owners::{FirstEvent, Owners};
+
 /// A request that passed every rule: forward `body` (the bytes as received).
 pub struct Admitted {
     pub parts: http::request::Parts,
     pub body: GateBody,
     pub limits: Option<RateLimitHeaders>,
-    /// Held until the response body ends (streaming types with `max_concurrent_streams`).
-    pub lease: Option<Lease>,
+    /// For the response body: the stream lease and the thread-owner recorder, if any.
+    pub guard: Option<Box<dyn BodyGuard>>,
+}
+
+/// What a ChatKit-server answer carries until its body ends.
+struct AnswerGuard {
+    /// Held until the stream ends (streaming types with `max_concurrent_streams`).
+    lease: Option<Lease>,
+    /// `threads.create` with `thread_ownership`: reads the `thread.created` event.
+    first_event: Option<FirstEvent>,
+}
+
+impl BodyGuard for AnswerGuard {
+    fn data(&mut self, chunk: &Bytes) {
+        if let Some(f) = &mut self.first_event {
+            f.data(chunk);
+        }
+    }
+
+    fn finished(&mut self, _: BodyEnd) {
+        // The lease goes back now, not when hyper gets round to dropping the body.
+        self.lease = None;
+    }
 }
 
 /// Why a request was not forwarded: the answer to send, and the error for the log.
@@ -46,6 +72,7 @@ pub type Refused = (Response<GateBody>, Option<GateError>);
 /// One ChatKit-server route, prepared.
 struct ServerRoute {
     settings: ChatKitServerSettings,
+    owners: Option<Arc<Owners>>,
     /// By index in `CHATKIT_TYPES`, then one for unknown types; `None` without `[rate_limit]`.
     plans: Vec<Option<PreparedPlan>>,
 }
@@ -92,7 +119,11 @@ impl ChatKitServers {
             if routes.len() <= route.index {
                 routes.resize_with(route.index + 1, || None);
             }
-            routes[route.index] = Some(ServerRoute { settings, plans });
+            let owners = settings.thread_ownership.then(|| {
+                let prefix = limiter.map_or("chatkit-gate", RateLimiter::key_prefix);
+                Arc::new(Owners::new(limiter.and_then(RateLimiter::redis_store), prefix, settings.thread_ownership_ttl))
+            });
+            routes[route.index] = Some(ServerRoute { settings, plans, owners });
         }
         Ok(ChatKitServers { routes, metrics: Some(metrics), audit: Some(audit) })
     }
@@ -112,7 +143,7 @@ impl ChatKitServers {
         };
         // CORS preflights carry no body and start no work: forwarded as they are.
         if parts.method == Method::OPTIONS {
-            return Ok(Admitted { parts, body: GateBody::incoming(body), limits: None, lease: None });
+            return Ok(Admitted { parts, body: GateBody::incoming(body), limits: None, guard: None });
         }
         if parts.method != Method::POST {
             return Err(self.refuse(route, OTHER, identity, ctx, None, "method", GateError::MethodNotAllowed));
@@ -157,34 +188,62 @@ impl ChatKitServers {
         }
 
         let streaming = STREAMING_TYPES.contains(&kind);
-        let (limits, lease) = match (limiter, server.plans.get(type_index).and_then(Option::as_ref)) {
-            (Some(limiter), Some(plan)) => match limiter.check_prepared(route, plan, identity, ctx).await {
-                Ok(a) => (a.headers, a.lease),
-                Err(denied) => {
-                    let decision = if denied.concurrency { "concurrency_limited" } else { "rate_limited" };
-                    self.record(route, kind, identity, ctx, thread_id, decision);
-                    let sse = streaming && settings.limit_response == LimitResponse::Sse;
-                    return Err(match (sse, &denied.error) {
-                        (true, GateError::TooManyRequests { retry_after, headers }) => {
-                            let mut resp = error_event_response(&limit_message(denied.concurrency, *retry_after));
-                            let h = resp.headers_mut();
-                            h.insert(RETRY_AFTER, HeaderValue::from(*retry_after));
-                            for (name, value) in headers {
-                                h.insert(name, value.clone());
-                            }
-                            (resp, None)
+        // The owner lookup and the rate-limit decision run side by side: one round trip of latency.
+        let foreign = async {
+            match (&server.owners, thread_id, identity) {
+                (Some(owners), Some(t), Some(i)) => owners.owner(t).await.filter(|owner| *owner != i.id),
+                _ => None,
+            }
+        };
+        let decide = async {
+            match (limiter, server.plans.get(type_index).and_then(Option::as_ref)) {
+                (Some(limiter), Some(plan)) => Some(limiter.check_prepared(route, plan, identity, ctx).await),
+                _ => None,
+            }
+        };
+        let (foreign, decision) = tokio::join!(foreign, decide);
+        if foreign.is_some() {
+            tracing::warn!(
+                route = %route.name,
+                user = identity.map_or("-", |i| i.id.as_str()),
+                request_id = ctx.request_id(),
+                "ChatKit thread of another user refused"
+            );
+            let e = GateError::Forbidden;
+            return Err(self.refuse(route, kind, identity, ctx, thread_id, "forbidden_thread", e));
+        }
+        let (limits, lease) = match decision {
+            Some(Ok(a)) => (a.headers, a.lease),
+            Some(Err(denied)) => {
+                let decision = if denied.concurrency { "concurrency_limited" } else { "rate_limited" };
+                self.record(route, kind, identity, ctx, thread_id, decision);
+                let sse = streaming && settings.limit_response == LimitResponse::Sse;
+                return Err(match (sse, &denied.error) {
+                    (true, GateError::TooManyRequests { retry_after, headers }) => {
+                        let mut resp = error_event_response(&limit_message(denied.concurrency, *retry_after));
+                        let h = resp.headers_mut();
+                        h.insert(RETRY_AFTER, HeaderValue::from(*retry_after));
+                        for (name, value) in headers {
+                            h.insert(name, value.clone());
                         }
-                        _ => refused(denied.error),
-                    });
-                }
-            },
-            _ => (None, None),
+                        (resp, None)
+                    }
+                    _ => refused(denied.error),
+                });
+            }
+            None => (None, None),
         };
         self.record(route, kind, identity, ctx, thread_id, "allowed");
+        let first_event = match (&server.owners, identity) {
+            (Some(owners), Some(i)) if kind == "threads.create" => Some(FirstEvent::new(owners.clone(), &i.id)),
+            _ => None,
+        };
+        let guard: Option<Box<dyn BodyGuard>> = (lease.is_some() || first_event.is_some())
+            .then(|| Box::new(AnswerGuard { lease, first_event }) as Box<dyn BodyGuard>);
         // What was parsed borrows the buffer; the buffer itself is what goes on.
         drop(params);
         let _ = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-        Ok(Admitted { parts, body: GateBody::full(bytes), limits, lease })
+        Ok(Admitted { parts, body: GateBody::full(bytes), limits, guard })
     }
 
     #[expect(clippy::too_many_arguments, reason = "one call shape for every refusal")]
