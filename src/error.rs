@@ -187,7 +187,11 @@ mod tests {
             (GateError::UpstreamUnavailable, 502, r#"{"error":"Upstream unavailable"}"#),
             (GateError::UpstreamTimeout, 504, r#"{"error":"Upstream timed out"}"#),
             (GateError::Internal, 500, r#"{"error":"Internal error"}"#),
-            (GateError::Refused(StatusCode::PAYLOAD_TOO_LARGE, "Message too long"), 413, r#"{"error":"Message too long"}"#),
+            (
+                GateError::Refused(StatusCode::PAYLOAD_TOO_LARGE, "Message too long"),
+                413,
+                r#"{"error":"Message too long"}"#,
+            ),
         ];
         for (err, status, body) in cases {
             let (s, _, b) = body_of(err).await;

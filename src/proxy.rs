@@ -14,9 +14,9 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::Audit;
 use crate::auth::{AuthResult, Authenticator, strip_prefixed};
 use crate::body::{BodyEnd, GateBody};
-use crate::audit::Audit;
 use crate::chatkit::ChatKit;
 use crate::chatkit_server::ChatKitServers;
 use crate::config::{Config, ServerSettings};
@@ -111,7 +111,7 @@ impl crate::body::BodyGuard for Observer {
                 method = %method, route, status, duration_ms, stream_ms, outcome,
                 request_id = rid, client_ip = %client_ip, error = %e, "request"
             ),
-            _ if end != BodyEnd::Complete => tracing::warn!(
+            _ if end == BodyEnd::UpstreamError => tracing::warn!(
                 method = %method, route, status, duration_ms, stream_ms, outcome,
                 request_id = rid, client_ip = %client_ip, "request"
             ),

@@ -170,7 +170,10 @@ async fn list_reads_do_not_use_the_message_quota_and_the_next_message_never_reac
     let body = resp.text().await.unwrap();
     let evs = events(&body);
     assert_eq!(evs.len(), 1, "{body}");
-    assert_eq!((evs[0]["type"].as_str(), evs[0]["code"].as_str(), evs[0]["allow_retry"].as_bool()), (Some("error"), Some("custom"), Some(true)));
+    assert_eq!(
+        (evs[0]["type"].as_str(), evs[0]["code"].as_str(), evs[0]["allow_retry"].as_bool()),
+        (Some("error"), Some("custom"), Some(true))
+    );
     // The SDK's own types accept the event.
     let data = body.trim().strip_prefix("data: ").unwrap();
     assert_eq!(sdk_parses_stream_event(data), Ok("ErrorEvent".to_string()));
@@ -182,10 +185,25 @@ async fn list_reads_do_not_use_the_message_quota_and_the_next_message_never_reac
     assert_eq!(types.iter().filter(|t| *t == "threads.create").count(), 4, "{types:?}");
     assert_eq!(types.iter().filter(|t| *t == "threads.list").count(), 7, "{types:?}");
     let metrics = gate.metrics().await;
-    assert!(metrics.contains(r#"chatkit_gate_chatkit_requests_total{decision="rate_limited",route="chatkit",type="threads.create"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"chatkit_gate_chatkit_requests_total{decision="allowed",route="chatkit",type="threads.list"} 7"#), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"chatkit_gate_chatkit_requests_total{decision="rate_limited",route="chatkit",type="threads.create"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"chatkit_gate_chatkit_requests_total{decision="allowed",route="chatkit",type="threads.list"} 7"#
+        ),
+        "{metrics}"
+    );
     // Decided in Redis: one script call per request, the per-type policy with the route's.
-    assert!(metrics.contains(r#"chatkit_gate_rate_limit_decisions_total{decision="limited",policy="ck_msg",source="redis"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"chatkit_gate_rate_limit_decisions_total{decision="limited",policy="ck_msg",source="redis"} 1"#
+        ),
+        "{metrics}"
+    );
     gate.stop().await.unwrap();
     // One CHATKIT_REQUEST line per request: user, type, decision; never the message text.
     let lines = std::fs::read_to_string(&audit).unwrap();
@@ -193,7 +211,11 @@ async fn list_reads_do_not_use_the_message_quota_and_the_next_message_never_reac
     let ck: Vec<&Value> = events.iter().filter(|e| e["event"] == "CHATKIT_REQUEST").collect();
     // 6 + 1 reads, 3 + 1 messages of alice (the last limited), 1 message of carol.
     assert_eq!(ck.len(), 12, "{lines}");
-    assert!(ck.iter().any(|e| e["user_id"] == "alice" && e["chatkit_type"] == "threads.create" && e["reason"] == "rate_limited"), "{lines}");
+    assert!(
+        ck.iter()
+            .any(|e| e["user_id"] == "alice" && e["chatkit_type"] == "threads.create" && e["reason"] == "rate_limited"),
+        "{lines}"
+    );
     assert!(!lines.contains("hello"), "message content in the audit log: {lines}");
 }
 
@@ -295,12 +317,28 @@ async fn content_rules_answer_before_the_server_sees_anything() {
     let long = create(&"x".repeat(201));
     let cases: Vec<(Value, u16, &str)> = vec![
         (long, 413, "Message too long"),
-        (json!({"type": "threads.create", "params": {"input": {"content": [], "attachments": ["a", "b", "c"], "inference_options": {}}}}), 413, "Too many attachments"),
-        (json!({"type": "threads.list", "params": {"limit": 51}}), 400, "params.limit is above this route's max_list_limit"),
-        (json!({"type": "items.list", "params": {"thread_id": "thr_x", "limit": 100000}}), 400, "params.limit is above this route's max_list_limit"),
+        (
+            json!({"type": "threads.create", "params": {"input": {"content": [], "attachments": ["a", "b", "c"], "inference_options": {}}}}),
+            413,
+            "Too many attachments",
+        ),
+        (
+            json!({"type": "threads.list", "params": {"limit": 51}}),
+            400,
+            "params.limit is above this route's max_list_limit",
+        ),
+        (
+            json!({"type": "items.list", "params": {"thread_id": "thr_x", "limit": 100000}}),
+            400,
+            "params.limit is above this route's max_list_limit",
+        ),
         (json!({"type": "threads.drop_tables", "params": {}}), 400, "Unknown ChatKit request type"),
         (json!({"params": {}}), 400, "Invalid ChatKit request"),
-        (json!({"type": "threads.create", "params": {"input": {"content": [{"type": "input_text", "text": "hi"}], "attachments": [], "inference_options": {"model": "big"}}}}), 403, "Model not allowed"),
+        (
+            json!({"type": "threads.create", "params": {"input": {"content": [{"type": "input_text", "text": "hi"}], "attachments": [], "inference_options": {"model": "big"}}}}),
+            403,
+            "Model not allowed",
+        ),
     ];
     for (body, status, message) in &cases {
         let resp = post(&gate, "tok-bob", body).await;
@@ -311,14 +349,37 @@ async fn content_rules_answer_before_the_server_sees_anything() {
     let big = json!({"type": "threads.list", "params": {}, "metadata": {"pad": "y".repeat(20_000)}});
     assert_eq!(post(&gate, "tok-bob", &big).await.status(), 413);
     let dup = r#"{"type":"threads.list","type":"threads.create","params":{}}"#;
-    let resp = gate.client().post(gate.url("/chatkit")).header("cookie", "session=tok-bob").header("content-type", "application/json").body(dup).send().await.unwrap();
+    let resp = gate
+        .client()
+        .post(gate.url("/chatkit"))
+        .header("cookie", "session=tok-bob")
+        .header("content-type", "application/json")
+        .body(dup)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
-    let resp = gate.client().post(gate.url("/chatkit")).header("cookie", "session=tok-bob").header("content-type", "text/plain").body(list().to_string()).send().await.unwrap();
+    let resp = gate
+        .client()
+        .post(gate.url("/chatkit"))
+        .header("cookie", "session=tok-bob")
+        .header("content-type", "text/plain")
+        .body(list().to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 415);
     let resp = gate.client().get(gate.url("/chatkit")).header("cookie", "session=tok-bob").send().await.unwrap();
     assert_eq!((resp.status().as_u16(), resp.headers()["allow"].to_str().unwrap()), (405, "POST"));
     // Unauthenticated: 401, nothing forwarded.
-    let resp = gate.client().post(gate.url("/chatkit")).header("content-type", "application/json").body(list().to_string()).send().await.unwrap();
+    let resp = gate
+        .client()
+        .post(gate.url("/chatkit"))
+        .header("content-type", "application/json")
+        .body(list().to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 401);
     assert_eq!(app.types().await, Vec::<String>::new(), "a refused request reached the server");
 
@@ -340,7 +401,15 @@ async fn the_server_receives_exactly_the_bytes_the_client_sent() {
     let gate = gate_for(&app, &intro, "", "").start().await;
     // Odd spacing and key order: a re-serialised body would differ in length.
     let raw = "{ \"params\" : {\"limit\":3,\"order\":\"asc\"},   \"type\":\"threads.list\" ,\"metadata\":{\"a\":\"\\u00e9\"}}";
-    let resp = gate.client().post(gate.url("/chatkit")).header("cookie", "session=tok-alice").header("content-type", "application/json").body(raw).send().await.unwrap();
+    let resp = gate
+        .client()
+        .post(gate.url("/chatkit"))
+        .header("cookie", "session=tok-alice")
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let state = app.state().await;
     assert_eq!(state["requests"][0]["bytes"].as_u64().unwrap(), raw.len() as u64);
@@ -391,10 +460,17 @@ async fn an_aborted_stream_is_logged_and_counted_as_aborted() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let line = &request_lines(&logs)[0]["fields"];
-    assert_eq!((line["route"].as_str(), line["status"].as_u64(), line["outcome"].as_str()), (Some("chatkit"), Some(200), Some("client_aborted")), "{line}");
+    assert_eq!(
+        (line["route"].as_str(), line["status"].as_u64(), line["outcome"].as_str()),
+        (Some("chatkit"), Some(200), Some("client_aborted")),
+        "{line}"
+    );
     assert!(line["duration_ms"].as_f64().unwrap() >= 400.0, "{line}");
     let m = gate.metrics().await;
-    assert_eq!(metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="client_aborted",route="chatkit"}"#), 1.0);
+    assert_eq!(
+        metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="client_aborted",route="chatkit"}"#),
+        1.0
+    );
     assert_eq!(metric(&m, "chatkit_gate_http_requests_in_flight"), 0.0);
     gate.stop().await.unwrap();
 }
@@ -507,7 +583,10 @@ async fn ownership_round(gate: &TestGate, app: &ChatKitApp) {
     let before = app.state().await["requests"].as_array().unwrap().len();
     assert_eq!(post(gate, "tok-carol", &get).await.status(), 403);
     assert_eq!(post(gate, "tok-carol", &msg).await.status(), 403);
-    assert_eq!(post(gate, "tok-carol", &json!({"type": "items.list", "params": {"thread_id": thread}})).await.status(), 403);
+    assert_eq!(
+        post(gate, "tok-carol", &json!({"type": "items.list", "params": {"thread_id": thread}})).await.status(),
+        403
+    );
     let state = app.state().await;
     let requests = state["requests"].as_array().unwrap();
     assert!(requests[before..].iter().all(|r| r["user"] != "carol"), "carol reached the server: {requests:?}");

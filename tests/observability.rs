@@ -74,7 +74,10 @@ async fn a_proxied_stream_is_logged_when_its_body_ends_with_its_outcome() {
 
     let m = gate.metrics().await;
     assert_eq!(metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="complete",route="default"}"#), 2.0);
-    assert_eq!(metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="client_aborted",route="default"}"#), 1.0);
+    assert_eq!(
+        metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="client_aborted",route="default"}"#),
+        1.0
+    );
     assert_eq!(metric(&m, r#"chatkit_gate_http_requests_total{method="GET",route="default",status="200"}"#), 3.0);
     // The completed stream took >= 400 ms: it is not in the 250 ms bucket.
     assert!(metric(&m, r#"chatkit_gate_http_request_duration_seconds_bucket{route="default",le="0.25"}"#) <= 2.0);

@@ -95,7 +95,8 @@ impl ChatKitServers {
     ) -> anyhow::Result<ChatKitServers> {
         let mut routes = Vec::new();
         for route in table.all().iter().filter(|r| r.kind == RouteKind::ChatKitServer) {
-            let Some(settings) = config.routes.iter().find(|r| r.name == route.name).and_then(|r| r.chatkit_server.clone())
+            let Some(settings) =
+                config.routes.iter().find(|r| r.name == route.name).and_then(|r| r.chatkit_server.clone())
             else {
                 continue;
             };
@@ -326,8 +327,9 @@ fn check_rules(
     }
     let Some(input) = &params.input else { return Ok(()) };
     if let Some(max) = s.max_message_chars {
-        let chars: usize = input.content.iter().filter_map(|c| c.text.as_deref()).map(|t| t.chars().count()).sum::<usize>()
-            + input.quoted_text.as_deref().map_or(0, |t| t.chars().count());
+        let chars: usize =
+            input.content.iter().filter_map(|c| c.text.as_deref()).map(|t| t.chars().count()).sum::<usize>()
+                + input.quoted_text.as_deref().map_or(0, |t| t.chars().count());
         if chars as u64 > max {
             return Err(("too_large", GateError::Refused(StatusCode::PAYLOAD_TOO_LARGE, "Message too long")));
         }

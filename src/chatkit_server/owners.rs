@@ -66,7 +66,9 @@ impl Owners {
         if let Some(store) = &self.store {
             match store.query::<Option<String>>(redis::cmd("GET").arg(self.redis_key(&key))).await {
                 Ok(owner) => return owner,
-                Err(e) => tracing::warn!(error = %e, "thread owner lookup failed in redis; using this replica's memory"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "thread owner lookup failed in redis; using this replica's memory")
+                }
             }
         }
         let mut m = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
@@ -82,7 +84,9 @@ impl Owners {
             cmd.arg(self.redis_key(&key)).arg(user).arg("EX").arg(self.ttl.as_secs().max(1)).arg("NX");
             match store.query::<Option<String>>(&cmd).await {
                 Ok(_) => return,
-                Err(e) => tracing::warn!(error = %e, "could not store a thread owner in redis; kept in this replica's memory"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not store a thread owner in redis; kept in this replica's memory")
+                }
             }
         }
         let now = Instant::now();

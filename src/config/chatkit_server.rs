@@ -306,8 +306,7 @@ mod tests {
     fn model_rule_uses_the_claim_then_the_default() {
         let rule = super::ModelRule {
             claim: "tier".into(),
-            allow: [("free".to_string(), vec!["small".to_string()]), ("pro".to_string(), vec!["*".to_string()])]
-                .into(),
+            allow: [("free".to_string(), vec!["small".to_string()]), ("pro".to_string(), vec!["*".to_string()])].into(),
             default: None,
         };
         assert!(rule.allows(Some("free"), "small"));

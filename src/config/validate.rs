@@ -118,7 +118,10 @@ pub(super) fn validate(raw: RawConfig, e: &mut Errors) -> Option<Config> {
     }
     for (i, route) in routes.iter().enumerate() {
         if route.chatkit_server.as_ref().is_some_and(|c| c.thread_ownership) && auth.is_none() {
-            e.push(format!("routes[{i}].chatkit_server.thread_ownership"), "needs an [auth] section (owners are users)");
+            e.push(
+                format!("routes[{i}].chatkit_server.thread_ownership"),
+                "needs an [auth] section (owners are users)",
+            );
         }
         if let Some(rule) = route.chatkit_server.as_ref().and_then(|c| c.models.as_ref())
             && !auth.as_ref().is_some_and(|a| a.claims.iter().any(|(name, _)| *name == rule.claim))

@@ -341,7 +341,8 @@ impl RateLimiter {
     /// Prepare `names` (deduplicated, in order) and an optional concurrency lease
     /// (`(name, limit, ttl)`) for `check_prepared`. `Err` names an unknown policy.
     pub fn prepare(&self, names: &[String], lease: Option<(&str, u32, Duration)>) -> anyhow::Result<PreparedPlan> {
-        let plan = build_plan(&self.policies, names).map_err(|name| anyhow::anyhow!("unknown rate-limit policy {name:?}"))?;
+        let plan =
+            build_plan(&self.policies, names).map_err(|name| anyhow::anyhow!("unknown rate-limit policy {name:?}"))?;
         Ok(PreparedPlan { plan, lease: lease.map(|(name, limit, ttl)| Policy::lease(name, limit, ttl)) })
     }
 
