@@ -197,6 +197,7 @@ async fn list_reads_do_not_use_the_message_quota_and_the_next_message_never_reac
         ),
         "{metrics}"
     );
+    promtool_accepts(&metrics);
     // Decided in Redis: one script call per request, the per-type policy with the route's.
     assert!(
         metrics.contains(
@@ -623,4 +624,23 @@ async fn another_users_thread_is_forbidden_in_process() {
     let gate = gate_for(&app, &intro, "", "thread_ownership = true").start().await;
     ownership_round(&gate, &app).await;
     gate.stop().await.unwrap();
+}
+
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool not found: apt-get install -y prometheus");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
