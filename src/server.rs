@@ -92,7 +92,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         }
         None => None,
     };
-    let gateway = Arc::new(Gateway::new(&config, metrics.clone(), auth, limiter, chatkit, routes)?);
+    let gateway = Arc::new(Gateway::new(&config, metrics.clone(), auth, limiter, chatkit, routes, audit.clone())?);
     let readiness = Arc::new(Readiness::default());
     let admin = Arc::new(Admin { readiness: readiness.clone(), metrics: metrics.clone(), gateway: gateway.clone() });
 

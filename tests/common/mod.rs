@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod chatkit_server;
 pub mod fake_openai;
 pub mod gate;
 pub mod introspection;
