@@ -377,33 +377,24 @@ impl Gateway {
             },
             None => None,
         };
+        let f = Forwarded {
+            peer,
+            https: ctx.https,
+            request_id: &ctx.request_id,
+            host: &admitted.host,
+            prior_forwarded_for: admitted.cleaned.prior_forwarded_for.as_deref(),
+        };
         let result = match ctx.route.kind {
             RouteKind::ChatKit(endpoint) => match (&self.chatkit, auth.identity.clone()) {
                 // Boxed: a rare path with a large future, kept out of every proxied request's state.
                 (Some(ck), Some(identity)) => Box::pin(ck.handle(endpoint, parts, body, identity, ctx)).await,
                 _ => Err(GateError::Unauthorized),
             },
-            RouteKind::Proxy => {
-                let f = Forwarded {
-                    peer,
-                    https: ctx.https,
-                    request_id: &ctx.request_id,
-                    host: &admitted.host,
-                    prior_forwarded_for: admitted.cleaned.prior_forwarded_for.as_deref(),
-                };
-                self.forward(parts, GateBody::incoming(body), &f, admitted.cleaned.upgrade, conn).await
-            }
+            RouteKind::Proxy => self.forward(parts, GateBody::incoming(body), &f, admitted.cleaned.upgrade, conn).await,
             RouteKind::ChatKitServer => {
                 let identity = auth.identity.as_deref();
                 match Box::pin(self.chatkit_servers.admit(parts, body, identity, ctx, self.limiter.as_ref())).await {
                     Ok(a) => {
-                        let f = Forwarded {
-                            peer,
-                            https: ctx.https,
-                            request_id: &ctx.request_id,
-                            host: &admitted.host,
-                            prior_forwarded_for: admitted.cleaned.prior_forwarded_for.as_deref(),
-                        };
                         limits = a.limits;
                         // ChatKit requests are POSTs: never an upgrade.
                         self.forward(a.parts, a.body, &f, None, conn).await.map(|r| match a.guard {
