@@ -23,6 +23,9 @@ pub enum GateError {
     MethodNotAllowed,
     #[error("request body too large")]
     PayloadTooLarge,
+    /// The client's request body made no progress for `server.body_timeout`.
+    #[error("request body timed out")]
+    RequestTimeout,
     #[error("rate limited, retry after {retry_after}s")]
     TooManyRequests {
         retry_after: u64,
@@ -58,6 +61,7 @@ impl GateError {
             GateError::LoginRedirect(_) => StatusCode::FOUND,
             GateError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GateError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GateError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GateError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             GateError::AuthUnavailable
             | GateError::RateLimitUnavailable
@@ -78,6 +82,7 @@ impl GateError {
             GateError::Forbidden => "Forbidden".into(),
             GateError::MethodNotAllowed => "Method not allowed".into(),
             GateError::PayloadTooLarge => "Request body too large".into(),
+            GateError::RequestTimeout => "Request body timed out".into(),
             GateError::TooManyRequests { .. } => "Too many requests".into(),
             GateError::AuthUnavailable => "Authentication service unavailable".into(),
             GateError::RateLimitUnavailable => "Rate limiting unavailable".into(),
@@ -164,6 +169,7 @@ mod tests {
             (GateError::Forbidden, 403, r#"{"error":"Forbidden"}"#),
             (GateError::MethodNotAllowed, 405, r#"{"error":"Method not allowed"}"#),
             (GateError::PayloadTooLarge, 413, r#"{"error":"Request body too large"}"#),
+            (GateError::RequestTimeout, 408, r#"{"error":"Request body timed out"}"#),
             (
                 GateError::TooManyRequests { retry_after: 7, headers: HeaderMap::new() },
                 429,

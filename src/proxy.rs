@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use http::header::SET_COOKIE;
@@ -91,9 +91,11 @@ pub struct Gateway {
     routes: RouteTable,
     upstream: Upstream,
     auth: Option<Authenticator>,
-    limiter: Option<RateLimiter>,
+    limiter: Option<Arc<RateLimiter>>,
     chatkit: Option<ChatKit>,
     hsts: Option<HeaderValue>,
+    /// Set at SIGTERM: HTTP/1 answers carry `Connection: close` from then on.
+    draining: AtomicBool,
     pub(crate) metrics: Metrics,
     pub(crate) clock: Arc<Clock>,
     /// Upgraded (tunnelled) connections, so shutdown can wait for them.
@@ -105,7 +107,7 @@ impl Gateway {
         config: &Config,
         metrics: Metrics,
         auth: Option<Authenticator>,
-        limiter: Option<RateLimiter>,
+        limiter: Option<Arc<RateLimiter>>,
         chatkit: Option<ChatKit>,
         routes: RouteTable,
     ) -> anyhow::Result<Gateway> {
@@ -117,6 +119,7 @@ impl Gateway {
             limiter,
             chatkit,
             hsts: config.tls.hsts.clone(),
+            draining: AtomicBool::new(false),
             metrics,
             clock: Arc::new(Clock::new()),
             tunnels: TaskTracker::new(),
@@ -131,7 +134,17 @@ impl Gateway {
     }
 
     pub fn limiter_ready(&self) -> bool {
-        self.limiter.as_ref().is_none_or(RateLimiter::ready)
+        self.limiter.as_deref().is_none_or(RateLimiter::ready)
+    }
+
+    /// Shutdown has begun: keep serving, but ask HTTP/1 clients to reconnect elsewhere.
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.metrics.draining.set(1);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Serve one request from a client connection. Never fails: errors become answers here.
@@ -154,6 +167,7 @@ impl Gateway {
         let request_id = upstream::request_id(req.headers());
         let client_ip = upstream::client_ip(peer, req.headers(), &self.server.trusted_proxies);
         let method = req.method().clone();
+        let version = req.version();
 
         let (route_name, mut resp, error) = if !https {
             let resp = https::plain_http_answer(req.method(), req.uri(), req.headers(), &self.server);
@@ -169,6 +183,9 @@ impl Gateway {
         let status = resp.status();
         let headers = resp.headers_mut();
         headers.insert(&X_REQUEST_ID, request_id.clone());
+        if version <= http::Version::HTTP_11 && self.is_draining() && status != StatusCode::SWITCHING_PROTOCOLS {
+            headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if https {
             https::add_hsts(headers, self.hsts.as_ref());
         }
@@ -254,7 +271,7 @@ impl Gateway {
         upstream::set_forwarding_headers(&mut parts.headers, &parts.uri, f);
         parts.uri = self.upstream.uri_for(parts.uri.path_and_query())?;
         parts.version = http::Version::HTTP_11;
-        let req = Request::from_parts(parts, GateBody::incoming(body));
+        let req = Request::from_parts(parts, GateBody::upload(body, self.server.body_timeout));
 
         let mut resp = self.upstream.send(req).await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 
-use crate::body::GateBody;
+use crate::body::{GateBody, UploadFailure};
 use crate::config::UpstreamSettings;
 use crate::error::GateError;
 use crate::metrics::Metrics;
@@ -30,10 +30,13 @@ static PROXY_AUTHENTICATE: HeaderName = HeaderName::from_static("proxy-authentic
 /// The pooled client to the app.
 pub struct Upstream {
     client: Client<HttpConnector, GateBody>,
+    /// Never pools: the one retry after a pooled connection failed goes out on a new one.
+    fresh: Client<HttpConnector, GateBody>,
     scheme: Scheme,
     authority: Authority,
     timeout: Duration,
     metrics: Metrics,
+    retries: prometheus::IntCounter,
 }
 
 impl Upstream {
@@ -42,19 +45,23 @@ impl Upstream {
         http.set_connect_timeout(Some(settings.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(http);
+        let build = |max_idle: usize| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(settings.pool_idle_timeout)
+                .pool_max_idle_per_host(max_idle)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(http.clone())
+        };
         let authority =
             settings.url.authority().cloned().ok_or_else(|| anyhow::anyhow!("upstream.url: URL has no host"))?;
         Ok(Upstream {
-            client,
+            client: build(settings.pool_max_idle_per_host),
+            fresh: build(0),
             scheme: settings.url.scheme().cloned().unwrap_or(Scheme::HTTP),
             authority,
             timeout: settings.timeout,
+            retries: metrics.upstream_retries.with_label_values(&["app"]),
             metrics,
         })
     }
@@ -69,14 +76,35 @@ impl Upstream {
             .map_err(|_| GateError::BadRequest("Invalid request"))
     }
 
-    /// Send a prepared request; waits at most `upstream.timeout` for the response headers.
+    /// Send a prepared request. `upstream.timeout` runs from when the request body has been
+    /// sent to the response headers (a slow upload is `server.body_timeout`'s business). A
+    /// bodiless idempotent request whose pooled connection was closed under it is sent once more
+    /// on a fresh connection. A failed client body is the client's error (408 or 400), not the
+    /// app's.
     pub async fn send(&self, req: Request<GateBody>) -> Result<Response<Incoming>, GateError> {
+        let upload = req.body().upload_state();
+        let replay = replayable(&req).then(|| crate::client::replay_of(&req));
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        let exchange = crate::client::send_with_retry(&self.client, &self.fresh, req, replay, &self.retries);
+        tokio::pin!(exchange);
+        let early = match &upload {
+            Some(up) if !up.is_sent() => tokio::select! {
+                r = &mut exchange => Some(r),
+                () = up.sent() => None,
+            },
+            _ => None,
+        };
+        let result = match early {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout(self.timeout, exchange).await,
+        };
         self.metrics.upstream_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => {
+                if let Some(failure) = upload.as_ref().and_then(|up| up.failure()) {
+                    return Err(self.client_body_failed(failure, &e));
+                }
                 let kind = if e.is_connect() { "connect" } else { "protocol" };
                 self.metrics.upstream_errors.with_label_values(&[kind]).inc();
                 tracing::warn!(kind, error = %error_chain(&e), "upstream request failed");
@@ -89,6 +117,24 @@ impl Upstream {
             }
         }
     }
+
+    fn client_body_failed(&self, failure: UploadFailure, e: &hyper_util::client::legacy::Error) -> GateError {
+        let (kind, answer) = match failure {
+            UploadFailure::Timeout => ("timeout", GateError::RequestTimeout),
+            UploadFailure::Malformed => ("malformed", GateError::BadRequest("Bad request")),
+        };
+        self.metrics.client_body_errors.with_label_values(&[kind]).inc();
+        tracing::info!(kind, error = %error_chain(e), "client request body failed: app connection released");
+        answer
+    }
+}
+
+/// May this request be sent again after a pooled connection failed under it? Only an
+/// idempotent method without a body (nothing to replay).
+fn replayable(req: &Request<GateBody>) -> bool {
+    use http::Method;
+    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+        && http_body::Body::is_end_stream(req.body())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
