@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod fake_openai;
+pub mod flaky;
 pub mod gate;
 pub mod introspection;
 pub mod logs;

@@ -71,6 +71,10 @@ impl RedisServer {
     }
 
     fn start_cluster_node(port: u16) -> Result<RedisServer, StartError> {
+        Self::start_cluster_node_with_timeout(port, 5000)
+    }
+
+    fn start_cluster_node_with_timeout(port: u16, node_timeout_ms: u32) -> Result<RedisServer, StartError> {
         let dir = tempfile::Builder::new()
             .prefix("chatkit-gate-redis-cluster-")
             .tempdir()
@@ -82,7 +86,7 @@ impl RedisServer {
             "--cluster-config-file".to_string(),
             nodes_conf.display().to_string(),
             "--cluster-node-timeout".to_string(),
-            "5000".to_string(),
+            node_timeout_ms.to_string(),
         ];
         let mut server = RedisServer { port, dir, extra_args, process: None };
         server.spawn_and_wait()?;
@@ -323,18 +327,37 @@ impl RedisCluster {
         panic!("redis cluster could not bind free ports after 3 tries; last log:\n{last_error}");
     }
 
+    /// Three masters, each with one replica (six nodes), a 1 s node timeout so that a killed
+    /// master's replica takes over within a few seconds. Blocking, typically 2–4 s.
+    pub fn start_with_replicas() -> RedisCluster {
+        ensure_installed();
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Self::try_start_with(6, 1, 1000) {
+                Ok(cluster) => return cluster,
+                Err(StartError::PortTaken(log)) => last_error = log,
+                Err(StartError::Other(message)) => panic!("{message}"),
+            }
+        }
+        panic!("redis cluster could not bind free ports after 3 tries; last log:\n{last_error}");
+    }
+
     fn try_start() -> Result<RedisCluster, StartError> {
-        let ports = free_cluster_ports(3);
+        Self::try_start_with(3, 0, 5000)
+    }
+
+    fn try_start_with(count: usize, replicas: u32, node_timeout_ms: u32) -> Result<RedisCluster, StartError> {
+        let ports = free_cluster_ports(count);
         let mut nodes = Vec::with_capacity(ports.len());
         for port in ports {
-            nodes.push(RedisServer::start_cluster_node(port)?);
+            nodes.push(RedisServer::start_cluster_node_with_timeout(port, node_timeout_ms)?);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let output = Command::new(REDIS_CLI)
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("run `{REDIS_CLI} --cluster create` (is redis-tools installed?): {e}"));
@@ -382,6 +405,28 @@ impl RedisCluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Indexes (into [`RedisCluster::nodes`]) of the nodes that are masters now.
+    pub fn masters(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i].is_running()
+                    && resp_call(self.nodes[i].port, &["INFO", "replication"]).is_ok_and(|r| r.contains("role:master"))
+            })
+            .collect()
+    }
+
+    /// Kill node `i` (SIGKILL, no goodbye to the cluster).
+    pub fn kill_node(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// True when every running node reports `cluster_state:ok`.
+    pub fn is_ok(&self) -> bool {
+        self.nodes.iter().filter(|n| n.is_running()).all(|n| {
+            resp_call(n.port, &["CLUSTER", "INFO"]).is_ok_and(|info| info.contains("cluster_state:ok"))
+        })
     }
 
     /// `redis://127.0.0.1:PORT` of every node (all masters).
