@@ -513,8 +513,8 @@ async fn redis_cluster_master_killed_under_load_gives_no_error_but_429_and_comes
     let extra = format!(
         "cache_ttl = \"60s\"\n[[routes]]\nname = \"limited\"\npath = \"/limited/\"\nauth = \"required\"\n\
          rate_limit = [\"per_user\"]\n[rate_limit]\nredis_cluster = [{nodes}]\nredis_timeout = \"200ms\"\n\
-         on_store_error = \"local\"\n[rate_limit.policies.per_user]\nalgorithm = \"sliding_window\"\nlimit = 20\n\
-         window = \"60s\"\nkey = \"user\""
+         on_store_error = \"local\"\n[rate_limit.policies.per_user]\nalgorithm = \"sliding_window\"\nlimit = 4\n\
+         window = \"2s\"\nkey = \"user\""
     );
     let gate = gate_with_auth(&app, &idp.url(), &extra).await;
     let http = gate.client();
@@ -574,7 +574,14 @@ async fn redis_cluster_master_killed_under_load_gives_no_error_but_429_and_comes
         t.await.unwrap();
     }
     let statuses = statuses.lock().unwrap().clone();
-    eprintln!("statuses over the failover: {statuses:?}");
+    let m = gate.metrics().await;
+    eprintln!(
+        "statuses over the failover: {statuses:?}; decisions local {} redis {}; redis errors {}",
+        metric(&m, "chatkit_gate_rate_limit_decisions_total", &[("decision", "allowed"), ("source", "local")])
+            + metric(&m, "chatkit_gate_rate_limit_decisions_total", &[("decision", "limited"), ("source", "local")]),
+        redis_decisions(&m),
+        metric(&m, "chatkit_gate_redis_errors_total", &[]),
+    );
     assert!(back, "decisions come from redis again after the failover");
     assert!(statuses.keys().all(|s| *s == 200 || *s == 429), "only 200 and 429: {statuses:?}");
     assert!(statuses.get(&429).copied().unwrap_or(0) > 0, "the limits were enforced throughout");

@@ -87,6 +87,9 @@ impl RedisServer {
             nodes_conf.display().to_string(),
             "--cluster-node-timeout".to_string(),
             node_timeout_ms.to_string(),
+            // Replicas sync at once instead of after 5 s (only clusters with replicas sync).
+            "--repl-diskless-sync-delay".to_string(),
+            "0".to_string(),
         ];
         let mut server = RedisServer { port, dir, extra_args, process: None };
         server.spawn_and_wait()?;
@@ -372,7 +375,28 @@ impl RedisCluster {
         }
         let cluster = RedisCluster { nodes };
         cluster.wait_until_ok()?;
+        if replicas > 0 {
+            cluster.wait_until_replicas_synced()?;
+        }
         Ok(cluster)
+    }
+
+    /// A replica that never synced does not take over: wait until every replica's link is up.
+    fn wait_until_replicas_synced(&self) -> Result<(), StartError> {
+        let deadline = Instant::now() + CLUSTER_DEADLINE;
+        loop {
+            let synced = self.nodes.iter().all(|n| {
+                resp_call(n.port, &["INFO", "replication"])
+                    .is_ok_and(|r| r.contains("role:master") || r.contains("master_link_status:up"))
+            });
+            if synced {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(StartError::Other(format!("redis replicas not synced within {CLUSTER_DEADLINE:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn wait_until_ok(&self) -> Result<(), StartError> {
