@@ -127,6 +127,10 @@ pub struct ServerSettings {
     pub shutdown_delay: Duration,
     /// No progress on a request body for this long: 408, and the app's connection is released.
     pub body_timeout: Duration,
+    /// Upgrade protocols tunnelled to the app (lower-case tokens, never `h2c`).
+    pub upgrades: Vec<String>,
+    /// Forward client header names containing `_` (dropped by default, like nginx).
+    pub allow_underscore_headers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +160,8 @@ pub struct UpstreamSettings {
 #[derive(Debug, Clone)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
+    /// Connections served at once on the admin listener; more are refused (closed at once).
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -41,6 +41,9 @@ pub(super) struct RawServer {
     pub(super) shutdown_grace: Option<String>,
     pub(super) shutdown_delay: Option<String>,
     pub(super) body_timeout: Option<String>,
+    pub(super) upgrades: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) allow_underscore_headers: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,6 +69,7 @@ pub(super) struct RawUpstream {
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct RawAdmin {
     pub(super) listen: Option<String>,
+    pub(super) max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
