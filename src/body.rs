@@ -3,8 +3,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -61,7 +61,10 @@ impl GateBody {
         if body.is_end_stream() {
             state.finish();
         }
-        GateBody { kind: Kind::Upload { upload: Upload { body, state, timeout, idle: None, waiting: false } }, guard: None }
+        GateBody {
+            kind: Kind::Upload { upload: Upload { body, state, timeout, idle: None, waiting: false } },
+            guard: None,
+        }
     }
 
     /// The upload's state, for a body made by [`GateBody::upload`].

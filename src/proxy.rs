@@ -26,8 +26,8 @@ use crate::hygiene::{self, Cleaned, HeaderRules};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::routes::{RouteKind, RouteTable};
-use crate::upstream::{self, Forwarded, Upstream, X_FORWARDED_PROTO, X_REQUEST_ID};
 use crate::tunnel;
+use crate::upstream::{self, Forwarded, Upstream, X_FORWARDED_PROTO, X_REQUEST_ID};
 
 /// Identity headers are stripped with this prefix when `[auth]` is absent.
 const DEFAULT_PREFIX: &str = "x-auth-request-";

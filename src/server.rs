@@ -20,9 +20,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, Readiness};
 use crate::audit::{Audit, AuditSink};
-use crate::client_io::ClientIo;
 use crate::auth::Authenticator;
 use crate::chatkit::ChatKit;
+use crate::client_io::ClientIo;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnActivity, Gateway};
@@ -348,7 +348,8 @@ where
     tokio::pin!(conn);
     let idle_ms = ctx.idle_timeout.as_millis() as u64;
     let head_ms = ctx.header_timeout.as_millis() as u64;
-    let period = (ctx.idle_timeout.min(ctx.header_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let period =
+        (ctx.idle_timeout.min(ctx.header_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;

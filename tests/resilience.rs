@@ -42,7 +42,9 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 fn auth_section(url: &str, extra: &str) -> String {
-    format!("[auth]\nintrospection_url = \"{url}\"\ncookies = [\"session\"]\n{extra}\n{ROUTES}\n[log]\nlevel = \"warn\"\n")
+    format!(
+        "[auth]\nintrospection_url = \"{url}\"\ncookies = [\"session\"]\n{extra}\n{ROUTES}\n[log]\nlevel = \"warn\"\n"
+    )
 }
 
 async fn gate_with_auth(app: &FakeApp, idp_url: &str, extra: &str) -> TestGate {
@@ -62,7 +64,12 @@ fn client_with_timeout(gate: &TestGate, timeout: Duration) -> reqwest::Client {
         .unwrap()
 }
 
-async fn get_as(http: &reqwest::Client, gate: &TestGate, path: &str, token: &str) -> Result<reqwest::Response, reqwest::Error> {
+async fn get_as(
+    http: &reqwest::Client,
+    gate: &TestGate,
+    path: &str,
+    token: &str,
+) -> Result<reqwest::Response, reqwest::Error> {
     http.get(gate.url(path)).header("cookie", format!("session={token}")).send().await
 }
 
@@ -131,12 +138,8 @@ async fn breaker_opens_after_consecutive_timeouts_so_new_users_fail_fast() {
     let app = FakeApp::start().await;
     let idp = FakeIntrospection::start("session").await;
     idp.set_mode(Mode::Hang);
-    let gate = gate_with_auth(
-        &app,
-        &idp.url(),
-        "timeout = \"200ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"60s\"",
-    )
-    .await;
+    let gate =
+        gate_with_auth(&app, &idp.url(), "timeout = \"200ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"60s\"").await;
     let http = gate.client();
     for i in 0..10 {
         let r = get_as(&http, &gate, "/api/x", &format!("new-{i}")).await.unwrap();
@@ -332,7 +335,8 @@ async fn raw_exchange(gate: &TestGate, request: &[u8]) -> String {
 #[tokio::test]
 async fn a_stalled_upload_gets_408_and_the_app_connection_is_released() {
     let app = FakeApp::start().await;
-    let gate = GateBuilder::new(&app.url()).server("body_timeout = \"300ms\"").upstream("timeout = \"30s\"").start().await;
+    let gate =
+        GateBuilder::new(&app.url()).server("body_timeout = \"300ms\"").upstream("timeout = \"30s\"").start().await;
     let answer = raw_exchange(
         &gate,
         format!("POST /upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1000\r\n\r\n{}", "y".repeat(100))
@@ -402,7 +406,8 @@ async fn shutdown_under_keep_alive_load(delay: &str) -> (usize, usize, usize, Ve
     let app = FakeApp::start().await;
     let mut gate = GateBuilder::new(&app.url()).shutdown_delay(delay).server("shutdown_grace = \"5s\"").start().await;
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, refused, other) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (ok, refused, other) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for _ in 0..8 {
@@ -458,7 +463,12 @@ async fn shutdown_under_keep_alive_load(delay: &str) -> (usize, usize, usize, Ve
     assert!(done.is_ok(), "clients still running 10 s after SIGTERM");
     gate.join().await.unwrap();
     let served_after = ok.load(Ordering::Relaxed) - ok_at_sigterm;
-    eprintln!("delay {delay}: ok {} (after SIGTERM {served_after}), refused {}, other {}", ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed), other.load(Ordering::Relaxed));
+    eprintln!(
+        "delay {delay}: ok {} (after SIGTERM {served_after}), refused {}, other {}",
+        ok.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        other.load(Ordering::Relaxed)
+    );
     let errors = errors.lock().unwrap().clone();
     (served_after, refused.load(Ordering::Relaxed), other.load(Ordering::Relaxed), errors)
 }

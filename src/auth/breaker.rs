@@ -81,7 +81,10 @@ impl Breaker {
             self.gauge.set(1);
             if admit == Admit::Probe {
                 self.probing.store(false, Ordering::Release);
-                tracing::warn!(cooldown_ms = self.cooldown_ms, "introspection probe failed: circuit breaker open again");
+                tracing::warn!(
+                    cooldown_ms = self.cooldown_ms,
+                    "introspection probe failed: circuit breaker open again"
+                );
             } else {
                 tracing::warn!(
                     consecutive_failures = failures,

@@ -344,7 +344,8 @@ impl Introspector {
         let start = Instant::now();
         let replay = crate::client::replay_of(&req);
         let result = tokio::time::timeout(self.timeout, async {
-            let sent = crate::client::send_with_retry(&self.client, &self.fresh, req, Some(replay), &self.metrics.retries);
+            let sent =
+                crate::client::send_with_retry(&self.client, &self.fresh, req, Some(replay), &self.metrics.retries);
             let resp = sent.await.map_err(|e| {
                 let detail = error_chain(&e);
                 if e.is_connect() { Failure::Connect(detail) } else { Failure::Request(detail) }
@@ -414,7 +415,10 @@ mod tests {
     fn whole_cookie_header_when_no_names_are_configured() {
         let r = rules(&[], &[]);
         assert_eq!(r.extract(&headers(&[("cookie", "a=1; b=2")]), "r").unwrap().cookie.unwrap(), "a=1; b=2");
-        assert_eq!(r.extract(&headers(&[("cookie", "a=1"), ("cookie", "b=2")]), "r").unwrap().cookie.unwrap(), "a=1; b=2");
+        assert_eq!(
+            r.extract(&headers(&[("cookie", "a=1"), ("cookie", "b=2")]), "r").unwrap().cookie.unwrap(),
+            "a=1; b=2"
+        );
         assert!(r.extract(&HeaderMap::new(), "r").is_none());
     }
 

@@ -428,7 +428,9 @@ impl Inner {
                 match &failure {
                     Failure::Invalid(_) => tracing::error!(error = %failure, "introspection answer unusable"),
                     // Logged (and counted) where the breaker and the cap decide, not per request.
-                    Failure::CircuitOpen | Failure::Overloaded => tracing::debug!(error = %failure, "introspection skipped"),
+                    Failure::CircuitOpen | Failure::Overloaded => {
+                        tracing::debug!(error = %failure, "introspection skipped")
+                    }
                     _ => tracing::warn!(error = %failure, "authentication service unavailable"),
                 }
                 (Store::Keep, Outcome::Failed(failure))

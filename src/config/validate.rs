@@ -313,7 +313,12 @@ pub(super) fn validate_routes(
         let path = match r.path {
             // Routes match the normalised request path, so a route path must be normalised too.
             Some(p) if p.starts_with('/') && crate::hygiene::normalize_path(&p).ok().as_deref() != Some(p.as_str()) => {
-                e.push(format!("{key}.path"), format!("must be a normalised path: no '.'/'..' segments, '//', '\\' or encoded separators (got {p:?})"));
+                e.push(
+                    format!("{key}.path"),
+                    format!(
+                        "must be a normalised path: no '.'/'..' segments, '//', '\\' or encoded separators (got {p:?})"
+                    ),
+                );
                 continue;
             }
             Some(p) if p.starts_with('/') => p,

@@ -448,9 +448,10 @@ impl RedisCluster {
 
     /// True when every running node reports `cluster_state:ok`.
     pub fn is_ok(&self) -> bool {
-        self.nodes.iter().filter(|n| n.is_running()).all(|n| {
-            resp_call(n.port, &["CLUSTER", "INFO"]).is_ok_and(|info| info.contains("cluster_state:ok"))
-        })
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .all(|n| resp_call(n.port, &["CLUSTER", "INFO"]).is_ok_and(|info| info.contains("cluster_state:ok")))
     }
 
     /// `redis://127.0.0.1:PORT` of every node (all masters).
