@@ -38,6 +38,7 @@ pub struct Metrics {
     pub upstream_retries: IntCounterVec,
     pub auth_introspection_in_flight: IntGauge,
     pub auth_introspection_rejected: IntCounterVec,
+    pub auth_introspection_errors: IntCounterVec,
     pub auth_breaker_open: IntGauge,
     pub client_body_errors: IntCounterVec,
     pub connection_limit_waits: IntCounter,
@@ -249,6 +250,13 @@ impl Metrics {
                 "Introspection calls not made, by reason (breaker_open, in_flight_limit, rate_limited).",
                 &["reason"],
             )?,
+            auth_introspection_errors: counter_vec(
+                &r,
+                "chatkit_gate_auth_introspection_errors_total",
+                "Introspection calls that failed, by kind (timeout, connect, request, status, body, invalid), \
+                 background refreshes included.",
+                &["kind"],
+            )?,
             auth_breaker_open: reg(
                 &r,
                 IntGauge::new(
@@ -287,6 +295,9 @@ impl Metrics {
         }
         for reason in ["breaker_open", "in_flight_limit", "rate_limited"] {
             m.auth_introspection_rejected.with_label_values(&[reason]);
+        }
+        for kind in ["timeout", "connect", "request", "status", "body", "invalid"] {
+            m.auth_introspection_errors.with_label_values(&[kind]);
         }
         for kind in ["timeout", "malformed"] {
             m.client_body_errors.with_label_values(&[kind]);

@@ -161,6 +161,20 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
+    /// The `kind` label of `chatkit_gate_auth_introspection_errors_total`; `None` for calls
+    /// never made (breaker open, in-flight cap), which are counted as rejected instead.
+    pub fn kind(&self) -> Option<&'static str> {
+        Some(match self {
+            Failure::Timeout => "timeout",
+            Failure::Connect(_) => "connect",
+            Failure::Request(_) => "request",
+            Failure::Status(_) => "status",
+            Failure::Body(_) => "body",
+            Failure::Invalid(_) => "invalid",
+            Failure::CircuitOpen | Failure::Overloaded => return None,
+        })
+    }
+
     /// Short, bounded reason for audit events and logs.
     pub fn reason(&self) -> String {
         match self {

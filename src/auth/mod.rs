@@ -172,6 +172,7 @@ struct Inner {
     /// `auth.introspection_rate_limit`: the limiter and a route naming just that policy.
     introspection_limit: Option<(Arc<RateLimiter>, Route)>,
     rejected_rate_limited: IntCounter,
+    metrics: Metrics,
 }
 
 /// Why a decision could not be made.
@@ -286,6 +287,7 @@ impl Authenticator {
             warned_no_user: AtomicBool::new(false),
             introspection_limit,
             rejected_rate_limited: metrics.auth_introspection_rejected.with_label_values(&["rate_limited"]),
+            metrics,
         };
         Ok(Authenticator { inner: Arc::new(inner) })
     }
@@ -425,6 +427,9 @@ impl Inner {
                 (store, Outcome::Decided(decision, cookies.into()))
             }
             Err(failure) => {
+                if let Some(kind) = failure.kind() {
+                    self.metrics.auth_introspection_errors.with_label_values(&[kind]).inc();
+                }
                 match &failure {
                     Failure::Invalid(_) => tracing::error!(error = %failure, "introspection answer unusable"),
                     // Logged (and counted) where the breaker and the cap decide, not per request.
