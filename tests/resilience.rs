@@ -267,6 +267,25 @@ async fn app_closing_reused_connections_costs_no_idempotent_request() {
 }
 
 #[tokio::test]
+async fn the_apps_keep_alive_timeout_expires_pooled_connections_before_the_app_does() {
+    // The app announces `Keep-Alive: timeout=1`; the operator left a 30 s pool idle timeout.
+    let app = FlakyServer::start_keep_alive("{}", 1).await;
+    let gate = GateBuilder::new(&app.url()).upstream("pool_idle_timeout = \"30s\"").start().await;
+    let http = gate.client();
+    for _ in 0..3 {
+        assert_eq!(http.get(gate.url("/quick")).send().await.unwrap().status(), 200);
+    }
+    let before = app.connections();
+    assert!(app.seen().last().unwrap().nth_on_connection > 0, "back-to-back requests reuse a connection");
+    // Idle for 700 ms: past the gate's 500 ms (half the app's 1 s), within the app's 1 s.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(http.get(gate.url("/after-idle")).send().await.unwrap().status(), 200);
+    let last = app.seen().last().cloned().unwrap();
+    assert_eq!((last.path.as_str(), last.nth_on_connection), ("/after-idle", 0), "a new connection");
+    assert_eq!(app.connections(), before + 1);
+}
+
+#[tokio::test]
 async fn a_post_with_a_body_is_never_replayed_after_a_reused_connection_fails() {
     let app = FlakyServer::start("{}").await;
     let gate = GateBuilder::new(&app.url()).upstream("pool_idle_timeout = \"30s\"").start().await;

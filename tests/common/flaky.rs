@@ -31,6 +31,15 @@ pub struct FlakyServer {
 impl FlakyServer {
     /// Answers `body` (as `application/json`) to the first request of every connection.
     pub async fn start(body: &str) -> FlakyServer {
+        Self::start_with(body, None).await
+    }
+
+    /// Answers every request (never drops one), announcing `Keep-Alive: timeout=<secs>`.
+    pub async fn start_keep_alive(body: &str, secs: u64) -> FlakyServer {
+        Self::start_with(body, Some(secs)).await
+    }
+
+    async fn start_with(body: &str, keep_alive: Option<u64>) -> FlakyServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -40,7 +49,7 @@ impl FlakyServer {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 *c.lock().unwrap() += 1;
-                tokio::spawn(serve(stream, s.clone(), body.clone()));
+                tokio::spawn(serve(stream, s.clone(), body.clone(), keep_alive));
             }
         });
         FlakyServer { addr, seen, connections, task }
@@ -70,17 +79,18 @@ impl Drop for FlakyServer {
     }
 }
 
-async fn serve(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>, body: String) {
+async fn serve(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>, body: String, keep_alive: Option<u64>) {
     let mut buf = Vec::new();
     for nth in 0.. {
         let Some((method, path, body_len)) = read_request(&mut stream, &mut buf).await else { return };
         seen.lock().unwrap().push(Seen { method, path, nth_on_connection: nth, body_len });
-        if nth > 0 {
+        if nth > 0 && keep_alive.is_none() {
             // Read it, then hang up without a byte of answer.
             return;
         }
+        let announce = keep_alive.map(|secs| format!("keep-alive: timeout={secs}\r\n")).unwrap_or_default();
         let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nkeep-alive: timeout=30\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{announce}\r\n",
             body.len()
         );
         if stream.write_all(head.as_bytes()).await.is_err() || stream.write_all(body.as_bytes()).await.is_err() {
