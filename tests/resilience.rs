@@ -175,6 +175,43 @@ async fn open_breaker_lets_one_probe_through_after_cooldown_and_closes_on_succes
 }
 
 #[tokio::test]
+async fn https_introspection_frozen_then_refusing_serves_stale_users_and_fails_new_ones_fast() {
+    let pki = certs::TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, pki.ca_pem()).unwrap();
+    let app = FakeApp::start().await;
+    let idp = FakeIntrospection::start_tls("session", pki.leaf()).await;
+    idp.add_user("alice", "u-alice", "Alice", "a@example.com");
+    let extra = format!(
+        "ca_file = {:?}\ntimeout = \"300ms\"\ncache_ttl = \"200ms\"\nstale_if_error = \"60s\"\n\
+         breaker_failures = 2\nbreaker_cooldown = \"60s\"",
+        ca_file.display().to_string()
+    );
+    let gate = gate_with_auth(&app, &idp.url(), &extra).await;
+    let http = gate.client();
+    assert_eq!(get_as(&http, &gate, "/api/x", "alice").await.unwrap().status(), 200);
+    assert_eq!(idp.last().version, http::Version::HTTP_2);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    idp.set_mode(Mode::Hang);
+    // New users: two calls time out (300 ms each), then the breaker answers at once.
+    for i in 0..5 {
+        assert_eq!(get_as(&http, &gate, "/api/x", &format!("new-{i}")).await.unwrap().status(), 503);
+    }
+    // The endpoint is now gone altogether: alice is still served from the cache.
+    idp.shutdown().await;
+    for _ in 0..5 {
+        assert_eq!(get_as(&http, &gate, "/api/x", "alice").await.unwrap().status(), 200);
+    }
+    assert_eq!(app.count(), 6);
+    assert!(app.seen().iter().all(|s| s.headers["x-auth-request-user"] == "u-alice"));
+    assert_eq!(idp.count(), 3, "alice's first call and two timed-out calls; nothing after the breaker opened");
+    let m = gate.metrics().await;
+    assert_eq!(metric(&m, "chatkit_gate_auth_breaker_open", &[]), 1.0);
+    assert_eq!(metric(&m, "chatkit_gate_auth_introspection_errors_total", &[("kind", "timeout")]), 2.0);
+}
+
+#[tokio::test]
 async fn introspection_calls_beyond_max_in_flight_are_refused_at_once() {
     let app = FakeApp::start().await;
     let idp = FakeIntrospection::start("session").await;
