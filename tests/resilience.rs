@@ -652,3 +652,38 @@ async fn redis_cluster_master_killed_under_load_gives_no_error_but_429_and_comes
     assert!(statuses.keys().all(|s| *s == 200 || *s == 429), "only 200 and 429: {statuses:?}");
     assert!(statuses.get(&429).copied().unwrap_or(0) > 0, "the limits were enforced throughout");
 }
+
+// ---------------------------------------------------------------------------------------------
+// ChatKit API pool: a mint POST is never sent twice.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_chatkit_mint_on_a_reused_connection_that_fails_is_not_replayed() {
+    let expires = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let api = FlakyServer::start(&format!(
+        r#"{{"id":"cksess_1","object":"chatkit.session","client_secret":"ek_test_1","expires_at":{expires},"status":"active"}}"#
+    ))
+    .await;
+    let idp = FakeIntrospection::start("session").await;
+    idp.add_user("alice", "u-alice", "Alice", "a@example.com");
+    let app = FakeApp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "sk-test-resilience\n").unwrap();
+    let rest = format!(
+        "[auth]\nintrospection_url = \"{}\"\ncookies = [\"session\"]\n[chatkit]\napi_key_file = {:?}\n\
+         api_base = \"{}/v1\"\nworkflow_id = \"wf_test\"\n[log]\nlevel = \"warn\"\n",
+        idp.url(),
+        key.display().to_string(),
+        api.url()
+    );
+    let gate = GateBuilder::new(&app.url()).rest(&rest).start().await;
+    let http = gate.client();
+    let mint = || http.post(gate.url("/api/chatkit/session")).header("cookie", "session=alice").send();
+    assert_eq!(mint().await.unwrap().status(), 200, "first mint on a new connection");
+    let second = mint().await.unwrap();
+    let posts = api.seen().into_iter().filter(|s| s.method == "POST").count();
+    assert_eq!(posts, 2, "the POST that met a closed pooled connection was not sent again");
+    assert_eq!(second.status(), 502, "reported as a failed mint, never a second session");
+    assert_eq!(metric(&gate.metrics().await, "chatkit_gate_upstream_retries_total", &[]), 0.0);
+}
