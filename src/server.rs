@@ -172,7 +172,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let drain_deadline = tokio::time::Instant::now() + grace;
     // A connection accepted just before the listener closed has its request on the wire: let it
     // arrive (and be answered with `Connection: close`) before idle connections are closed.
-    tokio::time::sleep(DRAIN_SETTLE.min(grace)).await;
+    if !connections.is_empty() {
+        tokio::time::sleep(DRAIN_SETTLE.min(grace)).await;
+    }
     drain.cancel();
     connections.close();
     gateway.tunnels.close();

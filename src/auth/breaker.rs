@@ -59,6 +59,11 @@ impl Breaker {
         self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| Admit::Probe)
     }
 
+    /// An admitted probe that was not made after all (no verdict): the next caller probes.
+    pub fn release_probe(&self) {
+        self.probing.store(false, Ordering::Release);
+    }
+
     /// The outcome of an admitted call.
     pub fn record(&self, admit: Admit, ok: bool) {
         if self.threshold == 0 {
@@ -119,6 +124,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(b.admit(), Some(Admit::Probe));
         assert_eq!(b.admit(), None, "only one probe at a time");
+        b.release_probe();
+        assert_eq!(b.admit(), Some(Admit::Probe), "a probe not made leaves the breaker open for the next");
         b.record(Admit::Probe, false);
         assert_eq!(b.admit(), None, "a failed probe reopens");
         std::thread::sleep(Duration::from_millis(40));

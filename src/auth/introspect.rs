@@ -336,7 +336,7 @@ impl Introspector {
             self.metrics.rejected_in_flight.inc();
             if admit == Admit::Probe {
                 // Not a verdict on the endpoint: let the next caller probe.
-                self.breaker.record(admit, true);
+                self.breaker.release_probe();
             }
             tracing::warn!("introspection calls at auth.max_in_flight: answering 503 at once");
             return Err(Failure::Overloaded);
