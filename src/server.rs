@@ -92,7 +92,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         }
         None => None,
     };
-    let gateway = Arc::new(Gateway::new(&config, metrics.clone(), auth, limiter, chatkit, routes)?);
+    let gateway = Arc::new(Gateway::new(&config, metrics.clone(), auth, limiter, chatkit, routes, audit.clone())?);
     let readiness = Arc::new(Readiness::default());
     let admin = Arc::new(Admin { readiness: readiness.clone(), metrics: metrics.clone(), gateway: gateway.clone() });
 
@@ -229,7 +229,7 @@ const SATURATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// The header-list size hyper's HTTP/2 side accepts: well above `max_header_bytes`, which the
 /// gate enforces itself with a 431.
 fn h2_header_list_limit(max_header_bytes: usize) -> u32 {
-    u32::try_from(max_header_bytes.saturating_mul(4).max(128 * 1024)).unwrap_or(u32::MAX)
+    u32::try_from(max_header_bytes.saturating_mul(8).max(256 * 1024)).unwrap_or(u32::MAX)
 }
 
 struct ConnCtx {
