@@ -1,8 +1,12 @@
 //! The one response/request body type the gate hands to hyper: a small JSON answer of our own,
 //! or a streamed body from the other side, without boxing.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -19,6 +23,7 @@ pin_project! {
         Empty,
         Full { data: Option<Bytes> },
         Incoming { #[pin] body: Incoming },
+        Upload { upload: Upload },
     }
 }
 
@@ -94,6 +99,14 @@ fn kind_ended(kind: &Kind) -> bool {
         Kind::Empty => true,
         Kind::Full { data } => data.is_none(),
         Kind::Incoming { body } => body.is_end_stream(),
+        Kind::Upload { upload } => {
+            let end = upload.body.is_end_stream();
+            if end {
+                // Hyper may not poll again after the last frame: the upload is complete now.
+                upload.state.finish();
+            }
+            end
+        }
     }
 }
 
@@ -114,6 +127,27 @@ impl GateBody {
         GateBody { kind: Kind::Incoming { body }, guard: None }
     }
 
+    /// A client's request body on its way to the app, watched: no progress for `timeout` ends
+    /// it with an error, and [`UploadState`] tells the sender when it is sent or why it failed.
+    pub fn upload(body: Incoming, timeout: Duration) -> Self {
+        let state = Arc::new(UploadState::default());
+        if body.is_end_stream() {
+            state.finish();
+        }
+        GateBody {
+            kind: Kind::Upload { upload: Upload { body, state, timeout, idle: None, waiting: false } },
+            guard: None,
+        }
+    }
+
+    /// The upload's state, for a body made by [`GateBody::upload`].
+    pub fn upload_state(&self) -> Option<Arc<UploadState>> {
+        match &self.kind {
+            Kind::Upload { upload } => Some(upload.state.clone()),
+            _ => None,
+        }
+    }
+
     /// Streamed from a peer (not an answer of our own).
     pub fn is_streamed(&self) -> bool {
         matches!(self.kind, Kind::Incoming { .. })
@@ -130,6 +164,12 @@ impl GateBody {
     }
 }
 
+impl Default for GateBody {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
 impl Body for GateBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -140,6 +180,7 @@ impl Body for GateBody {
             KindProj::Empty => Poll::Ready(None),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Incoming { body } => body.poll_frame(cx).map_err(Into::into),
+            KindProj::Upload { upload } => upload.poll_frame(cx),
         };
         if let Some(guard) = this.guard.as_mut() {
             let end = match &polled {
@@ -169,6 +210,107 @@ impl Body for GateBody {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Kind::Incoming { body } => body.size_hint(),
+            Kind::Upload { upload } => upload.body.size_hint(),
+        }
+    }
+}
+
+/// Why a client's request body did not reach the app whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UploadFailure {
+    /// No progress for `server.body_timeout`.
+    #[error("request body timed out")]
+    Timeout,
+    /// The client's framing was invalid (e.g. bad chunked encoding) or it went away mid-body.
+    #[error("request body malformed or cut short")]
+    Malformed,
+}
+
+/// Shared between a request body on its way to the app and the code waiting for the answer.
+#[derive(Debug, Default)]
+pub struct UploadState {
+    sent: AtomicBool,
+    notify: tokio::sync::Notify,
+    /// 0 = none, 1 = timeout, 2 = malformed.
+    failure: AtomicU8,
+}
+
+impl UploadState {
+    fn finish(&self) {
+        if !self.sent.swap(true, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+
+    fn fail(&self, failure: UploadFailure) {
+        let code = match failure {
+            UploadFailure::Timeout => 1,
+            UploadFailure::Malformed => 2,
+        };
+        let _ = self.failure.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// True once the whole body has been handed to the app's connection.
+    pub fn is_sent(&self) -> bool {
+        self.sent.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the whole body has been handed to the app's connection.
+    pub async fn sent(&self) {
+        // One waiter (the sender): `notify_one` keeps a permit if it comes first.
+        if !self.is_sent() {
+            self.notify.notified().await;
+        }
+    }
+
+    /// Why the body failed, if it did on the client's side.
+    pub fn failure(&self) -> Option<UploadFailure> {
+        match self.failure.load(Ordering::Acquire) {
+            1 => Some(UploadFailure::Timeout),
+            2 => Some(UploadFailure::Malformed),
+            _ => None,
+        }
+    }
+}
+
+/// A watched client body (see [`GateBody::upload`]).
+struct Upload {
+    body: Incoming,
+    state: Arc<UploadState>,
+    timeout: Duration,
+    /// Runs while waiting on the client (not while the app is slow to read); made once, reset.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl Upload {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.waiting = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.state.fail(UploadFailure::Malformed);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                self.state.finish();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + self.timeout;
+                let idle = self.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !self.waiting {
+                    self.waiting = true;
+                    idle.as_mut().reset(deadline);
+                }
+                if idle.as_mut().poll(cx).is_ready() {
+                    self.state.fail(UploadFailure::Timeout);
+                    return Poll::Ready(Some(Err(Box::new(UploadFailure::Timeout))));
+                }
+                Poll::Pending
+            }
         }
     }
 }

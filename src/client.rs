@@ -77,3 +77,73 @@ where
         .pool_max_idle_per_host(opts.pool_max_idle_per_host)
         .build(connector))
 }
+
+/// Did this request fail because a pooled keep-alive connection was closed by the peer before
+/// any response byte arrived (the peer closed it idle just as it was reused)? Such a request may
+/// be sent again on a fresh connection when it is safe to replay it.
+pub fn is_stale_connection(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        if let Some(he) = inner.downcast_ref::<hyper::Error>()
+            && (he.is_incomplete_message() || he.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = inner.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        source = inner.source();
+    }
+    false
+}
+
+/// A copy of a request that has no body to replay (method, URI, version, headers).
+pub fn replay_of<B: Default>(req: &http::Request<B>) -> http::Request<B> {
+    let mut copy = http::Request::new(B::default());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// Send `req` on the pooled client; when a pooled connection fails before answering and a
+/// `replay` copy is given, send that once more on `fresh` (a client that never pools, so the
+/// retry cannot meet another stale connection). The one place the retry rule lives, so it
+/// survives a change of HTTP client.
+pub async fn send_with_retry<C, B>(
+    pooled: &Client<C, B>,
+    fresh: &Client<C, B>,
+    req: http::Request<B>,
+    replay: Option<http::Request<B>>,
+    retries: &prometheus::IntCounter,
+) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match pooled.request(req).await {
+        Err(e) if is_stale_connection(&e) => match replay {
+            Some(again) => {
+                retries.inc();
+                tracing::debug!(error = %e, "pooled connection closed before answering: retrying on a fresh one");
+                fresh.request(again).await
+            }
+            None => Err(e),
+        },
+        other => other,
+    }
+}

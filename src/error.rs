@@ -31,6 +31,9 @@ pub enum GateError {
     HeadersTooLarge,
     #[error("request body too large")]
     PayloadTooLarge,
+    /// The client's request body made no progress for `server.body_timeout`.
+    #[error("request body timed out")]
+    RequestTimeout,
     #[error("rate limited, retry after {retry_after}s")]
     TooManyRequests {
         retry_after: u64,
@@ -71,6 +74,7 @@ impl GateError {
             GateError::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
             GateError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GateError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GateError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GateError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             GateError::AuthUnavailable
             | GateError::RateLimitUnavailable
@@ -94,6 +98,7 @@ impl GateError {
             GateError::MisdirectedRequest => "Misdirected request".into(),
             GateError::HeadersTooLarge => "Request header fields too large".into(),
             GateError::PayloadTooLarge => "Request body too large".into(),
+            GateError::RequestTimeout => "Request body timed out".into(),
             GateError::TooManyRequests { .. } => "Too many requests".into(),
             GateError::AuthUnavailable => "Authentication service unavailable".into(),
             GateError::RateLimitUnavailable => "Rate limiting unavailable".into(),
@@ -187,6 +192,7 @@ mod tests {
             (GateError::MisdirectedRequest, 421, r#"{"error":"Misdirected request"}"#),
             (GateError::HeadersTooLarge, 431, r#"{"error":"Request header fields too large"}"#),
             (GateError::PayloadTooLarge, 413, r#"{"error":"Request body too large"}"#),
+            (GateError::RequestTimeout, 408, r#"{"error":"Request body timed out"}"#),
             (
                 GateError::TooManyRequests { retry_after: 7, headers: HeaderMap::new() },
                 429,

@@ -38,6 +38,15 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     pub admin_connections_refused: IntCounter,
     pub build_info: GaugeVec,
+    pub upstream_retries: IntCounterVec,
+    pub auth_introspection_in_flight: IntGauge,
+    pub auth_introspection_rejected: IntCounterVec,
+    pub auth_introspection_errors: IntCounterVec,
+    pub auth_breaker_open: IntGauge,
+    pub client_body_errors: IntCounterVec,
+    pub connection_limit_waits: IntCounter,
+    pub accept_paused: IntGauge,
+    pub draining: IntGauge,
     pub stream_duration: HistogramVec,
     pub chatkit_requests: IntCounterVec,
 }
@@ -229,6 +238,61 @@ impl Metrics {
                 &r,
                 GaugeVec::new(Opts::new("chatkit_gate_build_info", "Build information; always 1."), &["version"])?,
             )?,
+            upstream_retries: counter_vec(
+                &r,
+                "chatkit_gate_upstream_retries_total",
+                "Requests retried once on a fresh connection after a pooled one failed before answering, \
+                 by target (app, introspection).",
+                &["target"],
+            )?,
+            auth_introspection_in_flight: reg(
+                &r,
+                IntGauge::new("chatkit_gate_auth_introspection_in_flight", "Introspection calls in flight.")?,
+            )?,
+            auth_introspection_rejected: counter_vec(
+                &r,
+                "chatkit_gate_auth_introspection_rejected_total",
+                "Introspection calls not made, by reason (breaker_open, in_flight_limit, rate_limited).",
+                &["reason"],
+            )?,
+            auth_introspection_errors: counter_vec(
+                &r,
+                "chatkit_gate_auth_introspection_errors_total",
+                "Introspection calls that failed, by kind (timeout, connect, request, status, body, invalid), \
+                 background refreshes included.",
+                &["kind"],
+            )?,
+            auth_breaker_open: reg(
+                &r,
+                IntGauge::new(
+                    "chatkit_gate_auth_breaker_open",
+                    "1 while the introspection circuit breaker is open (calls fail fast).",
+                )?,
+            )?,
+            client_body_errors: counter_vec(
+                &r,
+                "chatkit_gate_client_body_errors_total",
+                "Proxied requests whose client body failed, by kind (timeout, malformed): answered 408 or 400.",
+                &["kind"],
+            )?,
+            connection_limit_waits: reg(
+                &r,
+                IntCounter::new(
+                    "chatkit_gate_connection_limit_waits_total",
+                    "Times an accept loop stopped accepting because server.max_connections were open.",
+                )?,
+            )?,
+            accept_paused: reg(
+                &r,
+                IntGauge::new(
+                    "chatkit_gate_accept_paused",
+                    "Accept loops waiting for a server.max_connections slot (new clients queue in the kernel).",
+                )?,
+            )?,
+            draining: reg(
+                &r,
+                IntGauge::new("chatkit_gate_draining", "1 from SIGTERM/SIGINT until exit (readyz answers 503).")?,
+            )?,
             stream_duration: reg(
                 &r,
                 HistogramVec::new(
@@ -248,6 +312,18 @@ impl Metrics {
             )?,
             registry: r,
         };
+        for target in ["app", "introspection"] {
+            m.upstream_retries.with_label_values(&[target]);
+        }
+        for reason in ["breaker_open", "in_flight_limit", "rate_limited"] {
+            m.auth_introspection_rejected.with_label_values(&[reason]);
+        }
+        for kind in ["timeout", "connect", "request", "status", "body", "invalid"] {
+            m.auth_introspection_errors.with_label_values(&[kind]);
+        }
+        for kind in ["timeout", "malformed"] {
+            m.client_body_errors.with_label_values(&[kind]);
+        }
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
         for kind in ["connect", "timeout", "protocol"] {
             m.upstream_errors.with_label_values(&[kind]);

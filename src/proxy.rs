@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use http::header::SET_COOKIE;
@@ -219,10 +219,12 @@ pub struct Gateway {
     routes: RouteTable,
     upstream: Upstream,
     auth: Option<Authenticator>,
-    limiter: Option<RateLimiter>,
+    limiter: Option<Arc<RateLimiter>>,
     chatkit: Option<ChatKit>,
     chatkit_servers: ChatKitServers,
     hsts: Option<HeaderValue>,
+    /// Set at SIGTERM: HTTP/1 answers carry `Connection: close` from then on.
+    draining: AtomicBool,
     header_rules: HeaderRules,
     pub(crate) metrics: Metrics,
     pub(crate) clock: Arc<Clock>,
@@ -235,12 +237,12 @@ impl Gateway {
         config: &Config,
         metrics: Metrics,
         auth: Option<Authenticator>,
-        limiter: Option<RateLimiter>,
+        limiter: Option<Arc<RateLimiter>>,
         chatkit: Option<ChatKit>,
         routes: RouteTable,
         audit: Audit,
     ) -> anyhow::Result<Gateway> {
-        let chatkit_servers = ChatKitServers::new(config, &routes, limiter.as_ref(), metrics.clone(), audit)?;
+        let chatkit_servers = ChatKitServers::new(config, &routes, limiter.as_deref(), metrics.clone(), audit)?;
         Ok(Gateway {
             chatkit_servers,
             server: config.server.clone(),
@@ -250,6 +252,7 @@ impl Gateway {
             limiter,
             chatkit,
             hsts: config.tls.hsts.clone(),
+            draining: AtomicBool::new(false),
             header_rules: HeaderRules {
                 identity_prefix: config
                     .auth
@@ -272,7 +275,17 @@ impl Gateway {
     }
 
     pub fn limiter_ready(&self) -> bool {
-        self.limiter.as_ref().is_none_or(RateLimiter::ready)
+        self.limiter.as_deref().is_none_or(RateLimiter::ready)
+    }
+
+    /// Shutdown has begun: keep serving, but ask HTTP/1 clients to reconnect elsewhere.
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.metrics.draining.set(1);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Serve one request from a client connection. Never fails: errors become answers here.
@@ -294,6 +307,7 @@ impl Gateway {
                 && req.headers().get(&X_FORWARDED_PROTO).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")));
         let request_id = upstream::request_id(req.headers());
         let client_ip = upstream::client_ip(peer, req.headers(), &self.server.trusted_proxies);
+        let version = req.version();
         let mut observer = Observer {
             gateway: self.clone(),
             conn,
@@ -334,8 +348,12 @@ impl Gateway {
             }
         };
 
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let headers = resp.headers_mut();
         headers.insert(&X_REQUEST_ID, request_id);
+        if version <= http::Version::HTTP_11 && self.is_draining() && !switching {
+            headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if https {
             https::add_hsts(headers, self.hsts.as_ref());
         }
@@ -390,10 +408,13 @@ impl Gateway {
                 (Some(ck), Some(identity)) => Box::pin(ck.handle(endpoint, parts, body, identity, ctx)).await,
                 _ => Err(GateError::Unauthorized),
             },
-            RouteKind::Proxy => self.forward(parts, GateBody::incoming(body), &f, admitted.cleaned.upgrade, conn).await,
+            RouteKind::Proxy => {
+                let body = GateBody::upload(body, self.server.body_timeout);
+                self.forward(parts, body, &f, admitted.cleaned.upgrade, conn).await
+            }
             RouteKind::ChatKitServer => {
                 let identity = auth.identity.as_deref();
-                match Box::pin(self.chatkit_servers.admit(parts, body, identity, ctx, self.limiter.as_ref())).await {
+                match Box::pin(self.chatkit_servers.admit(parts, body, identity, ctx, self.limiter.as_deref())).await {
                     Ok(a) => {
                         limits = a.limits;
                         // ChatKit requests are POSTs: never an upgrade.

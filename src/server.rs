@@ -72,14 +72,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         Some(rl) => RedisStore::start(&rl.store, rl.redis_timeout, metrics.clone())?,
         None => None,
     };
-    let auth = match &config.auth {
-        Some(a) => Some(Authenticator::new(a, metrics.clone(), audit.clone()).context("auth")?),
+    let limiter = match &config.rate_limit {
+        Some(rl) => Some(Arc::new(
+            RateLimiter::new(rl, routes.all(), store.clone(), metrics.clone(), audit.clone()).context("rate_limit")?,
+        )),
         None => None,
     };
-    let limiter = match &config.rate_limit {
-        Some(rl) => Some(
-            RateLimiter::new(rl, routes.all(), store.clone(), metrics.clone(), audit.clone()).context("rate_limit")?,
-        ),
+    let auth = match &config.auth {
+        Some(a) => Some(Authenticator::new(a, metrics.clone(), audit.clone(), limiter.clone()).context("auth")?),
         None => None,
     };
     let chatkit = match &config.chatkit {
@@ -104,6 +104,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
 
     let addrs = (listeners.https.local_addr()?, listeners.plain.as_ref().map(|l| l.local_addr()).transpose()?);
     let ctx = Arc::new(ConnCtx {
+        max_connections: config.server.max_connections,
         gateway: gateway.clone(),
         http,
         drain: drain.clone(),
@@ -150,16 +151,34 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
 
     shutdown.await;
     let grace = config.server.shutdown_grace;
-    tracing::info!(grace_ms = grace.as_millis() as u64, "shutdown requested: draining");
+    let delay = config.server.shutdown_delay;
+    // 1. Not ready at once, but keep serving (and accepting) while load balancers and
+    //    Kubernetes endpoints stop routing here; HTTP/1 answers carry `Connection: close` so
+    //    keep-alive clients move to another replica.
     readiness.draining.store(true, Ordering::Release);
+    gateway.begin_draining();
+    tracing::info!(
+        delay_ms = delay.as_millis() as u64,
+        grace_ms = grace.as_millis() as u64,
+        "shutdown requested: readyz 503, serving for shutdown_delay before draining"
+    );
+    tokio::time::sleep(delay).await;
+    // 2. Stop accepting, tell open connections to finish (GOAWAY / close when idle), drain.
+    tracing::info!(grace_ms = grace.as_millis() as u64, "shutdown_delay over: listeners closed, draining");
     stop_accepting.cancel();
     for l in accept_loops {
         let _ = l.await;
     }
+    let drain_deadline = tokio::time::Instant::now() + grace;
+    // A connection accepted just before the listener closed has its request on the wire: let it
+    // arrive (and be answered with `Connection: close`) before idle connections are closed.
+    if !connections.is_empty() {
+        tokio::time::sleep(DRAIN_SETTLE.min(grace)).await;
+    }
     drain.cancel();
     connections.close();
     gateway.tunnels.close();
-    let drained = tokio::time::timeout(grace, async {
+    let drained = tokio::time::timeout_at(drain_deadline, async {
         connections.wait().await;
         gateway.tunnels.wait().await;
     })
@@ -200,6 +219,13 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// After the listeners close, open connections keep serving this long before idle ones are
+/// closed and the others told to finish (HTTP/2 GOAWAY): counted within `shutdown_grace`.
+const DRAIN_SETTLE: Duration = Duration::from_millis(500);
+
+/// The saturation warning is repeated at most this often per listener.
+const SATURATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The header-list size hyper's HTTP/2 side accepts: well above `max_header_bytes`, which the
 /// gate enforces itself with a 431.
 fn h2_header_list_limit(max_header_bytes: usize) -> u32 {
@@ -207,6 +233,7 @@ fn h2_header_list_limit(max_header_bytes: usize) -> u32 {
 }
 
 struct ConnCtx {
+    max_connections: usize,
     gateway: Arc<Gateway>,
     http: Arc<auto::Builder<TokioExecutor>>,
     drain: CancellationToken,
@@ -223,11 +250,35 @@ async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let mut last_warned: Option<std::time::Instant> = None;
     loop {
         // Past max_connections we stop accepting: new clients wait in the kernel's queue.
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            () = stop.cancelled() => return,
+        // That is counted, shown by a gauge and logged (at most every 10 s), never silent.
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let metrics = &ctx.gateway.metrics;
+                metrics.connection_limit_waits.inc();
+                metrics.accept_paused.inc();
+                if last_warned.is_none_or(|t| t.elapsed() >= SATURATION_LOG_INTERVAL) {
+                    last_warned = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        max_connections = ctx.max_connections,
+                        "server.max_connections reached: new connections wait in the kernel queue \
+                         (logged at most every 10 s; see chatkit_gate_connection_limit_waits_total)"
+                    );
+                }
+                let p = tokio::select! {
+                    p = limit.clone().acquire_owned() => p.ok(),
+                    () = stop.cancelled() => None,
+                };
+                metrics.accept_paused.dec();
+                match p {
+                    Some(p) => p,
+                    None => return,
+                }
+            }
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {

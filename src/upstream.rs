@@ -2,6 +2,8 @@
 //! and its answer carry (hop-by-hop removed, `X-Forwarded-*` and `X-Request-Id` set).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use http::header::{CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
@@ -13,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 
-use crate::body::GateBody;
+use crate::body::{GateBody, UploadFailure};
 use crate::config::UpstreamSettings;
 use crate::error::GateError;
 use crate::metrics::Metrics;
@@ -29,11 +31,20 @@ static PROXY_AUTHENTICATE: HeaderName = HeaderName::from_static("proxy-authentic
 
 /// The pooled client to the app.
 pub struct Upstream {
-    client: Client<HttpConnector, GateBody>,
+    /// Replaced (rarely: only when the app announces a shorter keep-alive) by a client whose
+    /// pool expires idle connections before the app closes them.
+    client: RwLock<Client<HttpConnector, GateBody>>,
+    /// The pool's idle timeout now, in ms.
+    pool_idle_ms: AtomicU64,
+    connector: HttpConnector,
+    max_idle: usize,
+    /// Never pools: the one retry after a pooled connection failed goes out on a new one.
+    fresh: Client<HttpConnector, GateBody>,
     scheme: Scheme,
     authority: Authority,
     timeout: Duration,
     metrics: Metrics,
+    retries: prometheus::IntCounter,
 }
 
 impl Upstream {
@@ -42,19 +53,19 @@ impl Upstream {
         http.set_connect_timeout(Some(settings.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(http);
         let authority =
             settings.url.authority().cloned().ok_or_else(|| anyhow::anyhow!("upstream.url: URL has no host"))?;
+        let max_idle = settings.pool_max_idle_per_host;
         Ok(Upstream {
-            client,
+            client: RwLock::new(pooled_client(&http, settings.pool_idle_timeout, max_idle)),
+            pool_idle_ms: AtomicU64::new(settings.pool_idle_timeout.as_millis() as u64),
+            fresh: pooled_client(&http, settings.pool_idle_timeout, 0),
+            connector: http,
+            max_idle,
             scheme: settings.url.scheme().cloned().unwrap_or(Scheme::HTTP),
             authority,
             timeout: settings.timeout,
+            retries: metrics.upstream_retries.with_label_values(&["app"]),
             metrics,
         })
     }
@@ -69,14 +80,41 @@ impl Upstream {
             .map_err(|_| GateError::BadRequest("Invalid request"))
     }
 
-    /// Send a prepared request; waits at most `upstream.timeout` for the response headers.
+    /// Send a prepared request. `upstream.timeout` runs from when the request body has been
+    /// sent to the response headers (a slow upload is `server.body_timeout`'s business). A
+    /// bodiless idempotent request whose pooled connection was closed under it is sent once more
+    /// on a fresh connection. A failed client body is the client's error (408 or 400), not the
+    /// app's.
     pub async fn send(&self, req: Request<GateBody>) -> Result<Response<Incoming>, GateError> {
+        let upload = req.body().upload_state();
+        let replay = replayable(&req).then(|| crate::client::replay_of(&req));
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        let client = self.client.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let exchange = crate::client::send_with_retry(&client, &self.fresh, req, replay, &self.retries);
+        tokio::pin!(exchange);
+        let early = match &upload {
+            Some(up) if !up.is_sent() => tokio::select! {
+                r = &mut exchange => Some(r),
+                () = up.sent() => None,
+            },
+            _ => None,
+        };
+        let result = match early {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout(self.timeout, exchange).await,
+        };
         self.metrics.upstream_duration.observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => {
+                if let Some(secs) = keep_alive_timeout(resp.headers()) {
+                    self.learn_keep_alive(secs);
+                }
+                Ok(resp)
+            }
             Ok(Err(e)) => {
+                if let Some(failure) = upload.as_ref().and_then(|up| up.failure()) {
+                    return Err(self.client_body_failed(failure, &e));
+                }
                 let kind = if e.is_connect() { "connect" } else { "protocol" };
                 self.metrics.upstream_errors.with_label_values(&[kind]).inc();
                 tracing::warn!(kind, error = %error_chain(&e), "upstream request failed");
@@ -89,6 +127,66 @@ impl Upstream {
             }
         }
     }
+
+    /// The app said it closes idle connections after `secs` (`Keep-Alive: timeout=N`): when
+    /// that is sooner than the pool's idle timeout, pool with a timeout safely below it.
+    fn learn_keep_alive(&self, secs: u64) {
+        let app_ms = secs.saturating_mul(1000);
+        // Expire a second before the app does, or at half its timeout when that is shorter.
+        let target = app_ms.saturating_sub(1000).max(app_ms / 2).max(100);
+        if target >= self.pool_idle_ms.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut client = self.client.write().unwrap_or_else(PoisonError::into_inner);
+        if target >= self.pool_idle_ms.load(Ordering::Relaxed) {
+            return;
+        }
+        *client = pooled_client(&self.connector, Duration::from_millis(target), self.max_idle);
+        let before = self.pool_idle_ms.swap(target, Ordering::Relaxed);
+        drop(client);
+        tracing::info!(
+            app_keep_alive_s = secs,
+            pool_idle_ms = target,
+            previous_ms = before,
+            "the app closes idle connections sooner than upstream.pool_idle_timeout: pooling for less"
+        );
+    }
+
+    fn client_body_failed(&self, failure: UploadFailure, e: &hyper_util::client::legacy::Error) -> GateError {
+        let (kind, answer) = match failure {
+            UploadFailure::Timeout => ("timeout", GateError::RequestTimeout),
+            UploadFailure::Malformed => ("malformed", GateError::BadRequest("Bad request")),
+        };
+        self.metrics.client_body_errors.with_label_values(&[kind]).inc();
+        tracing::info!(kind, error = %error_chain(e), "client request body failed: app connection released");
+        answer
+    }
+}
+
+fn pooled_client(http: &HttpConnector, idle: Duration, max_idle: usize) -> Client<HttpConnector, GateBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_max_idle_per_host(max_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(http.clone())
+}
+
+/// `N` of a response's `Keep-Alive: timeout=N` (RFC 2068 §19.7.1, still sent by many servers).
+fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(&KEEP_ALIVE)?.to_str().ok()?;
+    value.split(',').find_map(|param| {
+        let (name, n) = param.split_once('=')?;
+        name.trim().eq_ignore_ascii_case("timeout").then(|| n.trim().trim_matches('"').parse().ok())?
+    })
+}
+
+/// May this request be sent again after a pooled connection failed under it? Only an
+/// idempotent method without a body (nothing to replay).
+fn replayable(req: &Request<GateBody>) -> bool {
+    use http::Method;
+    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+        && http_body::Body::is_end_stream(req.body())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -257,6 +355,16 @@ mod tests {
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
         let peer: SocketAddr = "10.0.0.2:5555".parse().unwrap();
         assert_eq!(client_ip(peer, &h, &nets(&["10.0.0.0/8"])), "198.51.100.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn keep_alive_timeout_is_read_from_the_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(keep_alive_timeout(&h), None);
+        h.insert("keep-alive", HeaderValue::from_static("max=100, Timeout=5"));
+        assert_eq!(keep_alive_timeout(&h), Some(5));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=soon"));
+        assert_eq!(keep_alive_timeout(&h), None);
     }
 
     #[test]

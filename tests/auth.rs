@@ -322,7 +322,8 @@ async fn assert_unavailable(h: &Harness, token: &str) {
 
 #[tokio::test]
 async fn introspection_error_status_is_503_never_a_redirect_or_pass_through() {
-    let h = start(&[]).await;
+    // No breaker: every request must make (and fail) its own call.
+    let h = start(&[("breaker_failures", "0")]).await;
     h.idp.set_mode(Mode::Status(500));
     assert_unavailable(&h, "alice-token").await;
     h.idp.set_mode(Mode::Status(302));
@@ -366,13 +367,13 @@ async fn hundred_concurrent_requests_with_one_cookie_make_one_introspection_call
     assert!(responses.iter().all(|r| r.status() == 200));
     assert_eq!(h.app.count(), 100);
     assert!(h.app.seen().iter().all(|s| s.headers["x-auth-request-user"] == "u-alice"));
-    assert_eq!(h.idp.count(), 1, "concurrent misses share one call");
+    assert_eq!(h.idp.count(), 2, "concurrent misses share one call per route (decisions are cached per route)");
 
     h.idp.set_delay(Duration::ZERO);
     for _ in 0..20 {
         assert_eq!(h.get_as("/api/a", "alice-token").await.status(), 200);
     }
-    assert_eq!(h.idp.count(), 1, "within cache_ttl no further call");
+    assert_eq!(h.idp.count(), 2, "within cache_ttl no further call");
     assert_eq!(h.decisions("allow", "cache").await, 20);
 }
 
@@ -384,14 +385,25 @@ async fn revoked_session_loses_access_within_cache_ttl() {
     assert_eq!(h.get_as("/api/x", "alice-token").await.status(), 200, "still cached");
     assert_eq!(h.idp.count(), 1);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(h.get_as("/api/x", "alice-token").await.status(), 401, "access ends after cache_ttl");
+    // Past cache_ttl (within stale_if_error): answered from the cache while one call refreshes.
+    assert_eq!(h.get_as("/api/x", "alice-token").await.status(), 200, "stale while revalidating");
+    common::eventually("the background refresh", || h.idp.count() == 2).await;
+    let mut status = 200;
+    for _ in 0..50 {
+        status = h.get_as("/api/x", "alice-token").await.status().as_u16();
+        if status != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, 401, "access ends once the refresh has answered");
     assert_eq!(h.idp.count(), 2);
 
     // Signed out is cached for negative_cache_ttl: signing in again shows after at most that long.
     h.idp.add_user("alice-token", "u-alice", "Alice", "alice@example.com");
     assert_eq!(h.get_as("/api/x", "alice-token").await.status(), 401);
     assert_eq!(h.idp.count(), 2);
-    assert_eq!(h.decisions("deny", "cache").await, 1);
+    assert_eq!(h.decisions("deny", "cache").await, 2);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(h.get_as("/api/x", "alice-token").await.status(), 200);
     assert_eq!(h.idp.count(), 3);

@@ -153,10 +153,11 @@ def invariants(paths) -> None:
         (c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0) for c in app),
         default=0,
     )
+    delay = duration_seconds(config["server"].get("shutdown_delay", "5s"))
     tgps = pod.get("terminationGracePeriodSeconds", 30)
-    if tgps <= grace + pre_stop:
+    if tgps <= grace + delay + pre_stop:
         problem(f"terminationGracePeriodSeconds {tgps} must exceed shutdown_grace {grace:g}s "
-                f"+ the app's preStop {pre_stop}s")
+                f"+ shutdown_delay {delay:g}s + the app's preStop {pre_stop}s")
 
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mounts = {m["mountPath"].rstrip("/"): m["name"] for m in gate.get("volumeMounts", [])}

@@ -1,15 +1,18 @@
 //! The introspection call: which credentials a request carries, the pooled client that asks the
 //! introspection URL about them, and how its answer is read (identity, cacheability, cookies).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CACHE_CONTROL, COOKIE, HOST, SET_COOKIE, USER_AGENT};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
-use prometheus::Histogram;
+use prometheus::{Histogram, IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
+use super::breaker::{Admit, Breaker};
 use super::cache::Key;
 use crate::config::AuthSettings;
 use crate::context::RequestContext;
@@ -42,8 +45,10 @@ pub(crate) struct CredentialRules {
 }
 
 impl CredentialRules {
-    /// The forwarded credentials of a request, or `None` when it carries none at all.
-    pub fn extract(&self, headers: &HeaderMap) -> Option<Credentials> {
+    /// The forwarded credentials of a request, or `None` when it carries none at all. The key also
+    /// holds the route: the introspection call names the original path, so its answer may
+    /// differ per route and is cached per route.
+    pub fn extract(&self, headers: &HeaderMap, route: &str) -> Option<Credentials> {
         let cookie = if self.cookies.is_empty() { whole_cookie(headers) } else { self.named_cookies(headers) };
         let mut forwarded = Vec::new();
         for name in &self.forward_headers {
@@ -60,6 +65,7 @@ impl CredentialRules {
             h.update((bytes.len() as u64).to_le_bytes());
             h.update(bytes);
         };
+        part(route.as_bytes());
         part(cookie.as_ref().map_or(&b""[..], HeaderValue::as_bytes));
         for (name, value) in &forwarded {
             part(name.as_str().as_bytes());
@@ -148,9 +154,27 @@ pub(crate) enum Failure {
     Body(String),
     #[error("introspection answer invalid: {0}")]
     Invalid(String),
+    #[error("introspection circuit breaker open")]
+    CircuitOpen,
+    #[error("too many introspection calls in flight")]
+    Overloaded,
 }
 
 impl Failure {
+    /// The `kind` label of `chatkit_gate_auth_introspection_errors_total`; `None` for calls
+    /// never made (breaker open, in-flight cap), which are counted as rejected instead.
+    pub fn kind(&self) -> Option<&'static str> {
+        Some(match self {
+            Failure::Timeout => "timeout",
+            Failure::Connect(_) => "connect",
+            Failure::Request(_) => "request",
+            Failure::Status(_) => "status",
+            Failure::Body(_) => "body",
+            Failure::Invalid(_) => "invalid",
+            Failure::CircuitOpen | Failure::Overloaded => return None,
+        })
+    }
+
     /// Short, bounded reason for audit events and logs.
     pub fn reason(&self) -> String {
         match self {
@@ -160,6 +184,8 @@ impl Failure {
             Failure::Status(s) => format!("status {s}"),
             Failure::Body(_) => "unreadable answer".into(),
             Failure::Invalid(_) => "invalid answer".into(),
+            Failure::CircuitOpen => "circuit breaker open".into(),
+            Failure::Overloaded => "too many calls in flight".into(),
         }
     }
 }
@@ -221,27 +247,51 @@ type HttpsClient = crate::client::HttpsClient<Empty<Bytes>>;
 /// The pooled keep-alive client for the introspection URL (one per gate, never per request).
 pub(crate) struct Introspector {
     client: HttpsClient,
+    /// Never pools: the one retry after a pooled connection failed goes out on a new one.
+    fresh: HttpsClient,
     url: Uri,
     timeout: Duration,
     user_agent: HeaderValue,
-    duration: Histogram,
+    metrics: IntrospectionMetrics,
+    breaker: Breaker,
+    in_flight: Arc<Semaphore>,
 }
 
+/// The metric handles an [`Introspector`] updates.
+pub(crate) struct IntrospectionMetrics {
+    pub duration: Histogram,
+    pub retries: IntCounter,
+    pub in_flight: IntGauge,
+    pub breaker_open: IntGauge,
+    pub rejected_breaker: IntCounter,
+    pub rejected_in_flight: IntCounter,
+}
+
+/// Idle pooled connections to the introspection URL are dropped after this long: below the
+/// keep-alive timeouts of common app servers (gunicorn 2 s, Node and uvicorn 5 s).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl Introspector {
-    pub fn new(settings: &AuthSettings, duration: Histogram) -> anyhow::Result<Self> {
-        let client = crate::client::https_client(crate::client::ClientOptions {
+    pub fn new(settings: &AuthSettings, metrics: IntrospectionMetrics) -> anyhow::Result<Self> {
+        let options = crate::client::ClientOptions {
             ca_file: settings.ca_file.as_deref(),
             ca_key: "auth.ca_file",
             connect_timeout: settings.timeout,
-            pool_idle_timeout: Duration::from_secs(90),
+            pool_idle_timeout: POOL_IDLE_TIMEOUT,
             pool_max_idle_per_host: 64,
-        })?;
+        };
+        let client = crate::client::https_client(options)?;
+        let fresh = crate::client::https_client(crate::client::ClientOptions { pool_max_idle_per_host: 0, ..options })?;
+        let breaker = Breaker::new(settings.breaker_failures, settings.breaker_cooldown, metrics.breaker_open.clone());
         Ok(Introspector {
             client,
+            fresh,
             url: settings.introspection_url.clone(),
             timeout: settings.timeout,
             user_agent: HeaderValue::from_static(concat!("chatkit-gate/", env!("CARGO_PKG_VERSION"))),
-            duration,
+            metrics,
+            breaker,
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
         })
     }
 
@@ -275,11 +325,42 @@ impl Introspector {
         req
     }
 
-    /// Make the call under the configured timeout (connect, headers and body together).
+    /// Make the call, unless the breaker is open or `max_in_flight` calls are already out (both
+    /// fail at once, counted). Failures and timeouts feed the breaker.
     pub async fn call(&self, req: Request<Empty<Bytes>>) -> Result<Answer, Failure> {
+        let Some(admit) = self.breaker.admit() else {
+            self.metrics.rejected_breaker.inc();
+            return Err(Failure::CircuitOpen);
+        };
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            self.metrics.rejected_in_flight.inc();
+            if admit == Admit::Probe {
+                // Not a verdict on the endpoint: let the next caller probe.
+                self.breaker.release_probe();
+            }
+            tracing::warn!("introspection calls at auth.max_in_flight: answering 503 at once");
+            return Err(Failure::Overloaded);
+        };
+        self.metrics.in_flight.inc();
+        let result = self.call_once(req).await;
+        self.metrics.in_flight.dec();
+        let endpoint_ok = !matches!(
+            result,
+            Err(Failure::Timeout | Failure::Connect(_) | Failure::Request(_) | Failure::Body(_) | Failure::Status(_))
+        );
+        self.breaker.record(admit, endpoint_ok);
+        result
+    }
+
+    /// The call under the configured timeout (connect, headers and body together), retried
+    /// once on a fresh connection when a pooled one was closed under it.
+    async fn call_once(&self, req: Request<Empty<Bytes>>) -> Result<Answer, Failure> {
         let start = Instant::now();
+        let replay = crate::client::replay_of(&req);
         let result = tokio::time::timeout(self.timeout, async {
-            let resp = self.client.request(req).await.map_err(|e| {
+            let sent =
+                crate::client::send_with_retry(&self.client, &self.fresh, req, Some(replay), &self.metrics.retries);
+            let resp = sent.await.map_err(|e| {
                 let detail = error_chain(&e);
                 if e.is_connect() { Failure::Connect(detail) } else { Failure::Request(detail) }
             })?;
@@ -293,7 +374,7 @@ impl Introspector {
             Ok(Answer { status: parts.status, headers: parts.headers, body })
         })
         .await;
-        self.duration.observe(start.elapsed().as_secs_f64());
+        self.metrics.duration.observe(start.elapsed().as_secs_f64());
         let answer = result.map_err(|_| Failure::Timeout)??;
         match answer.status.as_u16() {
             200..=299 | 401 | 403 => Ok(answer),
@@ -339,29 +420,34 @@ mod tests {
         let r = rules(&["session", "sid"], &[]);
         let h =
             headers(&[("cookie", "theme=dark; session=abc;  other=1"), ("cookie", "sid=x=y"), ("cookie", "session")]);
-        let c = r.extract(&h).unwrap();
+        let c = r.extract(&h, "r").unwrap();
         assert_eq!(c.cookie.unwrap(), "session=abc; sid=x=y");
-        assert!(r.extract(&headers(&[("cookie", "theme=dark; sessionx=1")])).is_none());
+        assert!(r.extract(&headers(&[("cookie", "theme=dark; sessionx=1")]), "r").is_none());
     }
 
     #[test]
     fn whole_cookie_header_when_no_names_are_configured() {
         let r = rules(&[], &[]);
-        assert_eq!(r.extract(&headers(&[("cookie", "a=1; b=2")])).unwrap().cookie.unwrap(), "a=1; b=2");
-        assert_eq!(r.extract(&headers(&[("cookie", "a=1"), ("cookie", "b=2")])).unwrap().cookie.unwrap(), "a=1; b=2");
-        assert!(r.extract(&HeaderMap::new()).is_none());
+        assert_eq!(r.extract(&headers(&[("cookie", "a=1; b=2")]), "r").unwrap().cookie.unwrap(), "a=1; b=2");
+        assert_eq!(
+            r.extract(&headers(&[("cookie", "a=1"), ("cookie", "b=2")]), "r").unwrap().cookie.unwrap(),
+            "a=1; b=2"
+        );
+        assert!(r.extract(&HeaderMap::new(), "r").is_none());
     }
 
     #[test]
     fn the_key_depends_on_every_forwarded_credential_and_nothing_else() {
         let r = rules(&["session"], &["authorization"]);
-        let k = |pairs: &[(&str, &str)]| r.extract(&headers(pairs)).map(|c| c.key.0);
+        let k = |pairs: &[(&str, &str)]| r.extract(&headers(pairs), "api").map(|c| c.key.0);
         let base = k(&[("cookie", "session=abc; theme=dark"), ("authorization", "Bearer t")]);
         assert_eq!(base, k(&[("cookie", "theme=light; session=abc"), ("authorization", "Bearer t")]));
         assert_ne!(base, k(&[("cookie", "session=abd"), ("authorization", "Bearer t")]));
         assert_ne!(base, k(&[("cookie", "session=abc"), ("authorization", "Bearer u")]));
         assert_ne!(k(&[("authorization", "Bearer t")]), k(&[("cookie", "session=abc")]));
         assert!(k(&[("authorization", "Bearer t")]).is_some(), "a forwarded header alone is a credential");
+        let on = |route: &str| r.extract(&headers(&[("cookie", "session=abc")]), route).map(|c| c.key.0);
+        assert_ne!(on("api"), on("admin"), "one decision per route");
     }
 
     #[test]

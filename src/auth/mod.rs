@@ -4,6 +4,7 @@
 //! Owns: the introspection client ([`introspect`]), the decision cache ([`cache`]), identity
 //! headers to the app, and the answers for signed-out and unavailable cases.
 
+mod breaker;
 mod cache;
 mod introspect;
 
@@ -18,13 +19,14 @@ use http_body_util::Empty;
 use prometheus::IntCounter;
 
 use self::cache::{DecisionCache, Flight, Lookup, Store};
-use self::introspect::{Answer, CredentialRules, Failure, Forwarded, Introspector};
+use self::introspect::{Answer, CredentialRules, Failure, Forwarded, IntrospectionMetrics, Introspector};
 use crate::audit::{Audit, AuditEvent, AuditKind};
 use crate::config::{AuthSettings, RouteAuth, Unauthenticated};
 use crate::context::RequestContext;
 use crate::error::GateError;
 use crate::metrics::Metrics;
-use crate::routes::Route;
+use crate::ratelimit::RateLimiter;
+use crate::routes::{Route, RouteKind};
 
 /// Longest identity header value sent to the app, in bytes (longer values are cut at a character
 /// boundary); also the longest user id accepted.
@@ -167,6 +169,17 @@ struct Inner {
     audit: Audit,
     /// A 2xx without a user id is signed out; say so once, loudly, in case it is a wrong pointer.
     warned_no_user: AtomicBool,
+    /// `auth.introspection_rate_limit`: the limiter and a route naming just that policy.
+    introspection_limit: Option<(Arc<RateLimiter>, Route)>,
+    rejected_rate_limited: IntCounter,
+    metrics: Metrics,
+}
+
+/// Why a decision could not be made.
+enum Refusal {
+    Failed(Failure),
+    /// `auth.introspection_rate_limit` refused the call this cache miss would make.
+    Limited(GateError),
 }
 
 /// The authentication phase. Cheap to clone.
@@ -195,7 +208,13 @@ fn pointer(p: &Option<String>) -> Option<String> {
 }
 
 impl Authenticator {
-    pub fn new(settings: &AuthSettings, metrics: Metrics, audit: Audit) -> anyhow::Result<Self> {
+    /// `limiter` is needed when `auth.introspection_rate_limit` names a policy.
+    pub fn new(
+        settings: &AuthSettings,
+        metrics: Metrics,
+        audit: Audit,
+        limiter: Option<Arc<RateLimiter>>,
+    ) -> anyhow::Result<Self> {
         let prefix = settings.header_prefix.clone();
         let mut claims = Vec::new();
         for (name, ptr) in &settings.claims {
@@ -212,7 +231,33 @@ impl Authenticator {
         let login_path = settings.login_url.split(['?', '#']).next().unwrap_or("/").to_string();
         HeaderValue::from_str(&settings.login_url)
             .map_err(|_| anyhow::anyhow!("auth.login_url: not usable in a Location header"))?;
-        let introspector = Introspector::new(settings, metrics.auth_introspection_duration.clone())?;
+        let introspector = Introspector::new(
+            settings,
+            IntrospectionMetrics {
+                duration: metrics.auth_introspection_duration.clone(),
+                retries: metrics.upstream_retries.with_label_values(&["introspection"]),
+                in_flight: metrics.auth_introspection_in_flight.clone(),
+                breaker_open: metrics.auth_breaker_open.clone(),
+                rejected_breaker: metrics.auth_introspection_rejected.with_label_values(&["breaker_open"]),
+                rejected_in_flight: metrics.auth_introspection_rejected.with_label_values(&["in_flight_limit"]),
+            },
+        )?;
+        let introspection_limit = match (&settings.introspection_rate_limit, limiter) {
+            (None, _) => None,
+            (Some(policy), Some(limiter)) => Some((
+                limiter,
+                Route {
+                    index: usize::MAX,
+                    name: "introspection".into(),
+                    path: String::new(),
+                    auth: RouteAuth::Public,
+                    unauthenticated: Unauthenticated::Json,
+                    rate_limit: vec![policy.clone()],
+                    kind: RouteKind::Proxy,
+                },
+            )),
+            (Some(_), None) => anyhow::bail!("auth.introspection_rate_limit: needs a [rate_limit] section"),
+        };
         let decisions = Verdict::ALL
             .iter()
             .flat_map(|v| Source::ALL.map(|s| metrics.auth_decisions.with_label_values(&[v.label(), s.label()])))
@@ -240,6 +285,9 @@ impl Authenticator {
             decisions,
             audit,
             warned_no_user: AtomicBool::new(false),
+            introspection_limit,
+            rejected_rate_limited: metrics.auth_introspection_rejected.with_label_values(&["rate_limited"]),
+            metrics,
         };
         Ok(Authenticator { inner: Arc::new(inner) })
     }
@@ -258,9 +306,10 @@ impl Authenticator {
         if route.auth == RouteAuth::Public {
             return Ok(AuthResult::default());
         }
-        let (decision, set_cookies, source) = match self.decide(parts, ctx).await {
+        let (decision, set_cookies, source) = match self.decide(route, parts, ctx).await {
             Ok(decided) => decided,
-            Err(failure) => {
+            Err(Refusal::Limited(e)) => return Err(e),
+            Err(Refusal::Failed(failure)) => {
                 inner.count(Verdict::Error, Source::Introspection);
                 inner.audit.log(
                     AuditEvent::new(AuditKind::AuthUnavailable, ctx.request_id(), ctx.client_ip)
@@ -294,27 +343,46 @@ impl Authenticator {
         }
     }
 
-    /// The decision for a request: cached, or from a (shared) introspection call, or a stale
-    /// identity when that call fails.
+    /// The decision for a request: cached (fresh, or stale while one background call refreshes
+    /// it), or from a (shared) introspection call, or a stale identity when that call fails.
     async fn decide(
         &self,
+        route: &Route,
         parts: &http::request::Parts,
         ctx: &RequestContext,
-    ) -> Result<(Decision, Vec<HeaderValue>, Source), Failure> {
+    ) -> Result<(Decision, Vec<HeaderValue>, Source), Refusal> {
         let inner = &self.inner;
-        let Some(creds) = inner.rules.extract(&parts.headers) else {
+        let Some(creds) = inner.rules.extract(&parts.headers, &route.name) else {
             return Ok((Decision::SignedOut, Vec::new(), Source::None));
         };
-        let (mut rx, stale) = match inner.cache.lookup(creds.key, Instant::now()) {
+        let mut rx = match inner.cache.lookup(creds.key, Instant::now()) {
             Lookup::Fresh(decision) => return Ok((decision, Vec::new(), Source::Cache)),
-            Lookup::Pending { rx, lead, stale } => {
+            Lookup::Pending { lead, stale: Some(Decision::SignedIn(signed)), .. } => {
+                // Stale-while-revalidate: answer now; one call (single-flight per credentials)
+                // refreshes the entry. A hung endpoint then costs this user nothing.
                 if let Some(flight) = lead {
+                    let req = inner.introspector.request(&creds, &Forwarded::of(parts, ctx));
+                    tokio::spawn(self.inner.clone().introspect(flight, req));
+                }
+                return Ok((Decision::SignedIn(signed), Vec::new(), Source::Stale));
+            }
+            // A stale signed-out decision is never served: it has no stale window.
+            Lookup::Pending { rx, lead, .. } => {
+                if let Some(flight) = lead {
+                    if let Some((limiter, limit_route)) = &inner.introspection_limit
+                        && let Err(e) = limiter.check(limit_route, None, ctx).await
+                    {
+                        inner.rejected_rate_limited.inc();
+                        // Dropping the flight frees the key; anyone who joined it sees it abandoned.
+                        drop(flight);
+                        return Err(Refusal::Limited(e));
+                    }
                     // Spawned: the call finishes (and feeds the cache and the other waiters) even
                     // when this request is abandoned by its client.
                     let req = inner.introspector.request(&creds, &Forwarded::of(parts, ctx));
                     tokio::spawn(self.inner.clone().introspect(flight, req));
                 }
-                (rx, stale)
+                rx
             }
         };
         // The call is bounded by `timeout`; the margin only guards against a lost task.
@@ -323,23 +391,10 @@ impl Authenticator {
             Ok(Ok(outcome)) => outcome.clone(),
             _ => None,
         };
-        let failure = match outcome {
-            Some(Outcome::Decided(decision, cookies)) => {
-                return Ok((decision, cookies.to_vec(), Source::Introspection));
-            }
-            Some(Outcome::Failed(failure)) => failure,
-            None => Failure::Request("introspection call abandoned".into()),
-        };
-        match stale {
-            Some(Decision::SignedIn(signed)) => {
-                tracing::warn!(
-                    request_id = ctx.request_id(),
-                    reason = %failure.reason(),
-                    "introspection failed: serving a cached identity past its TTL (stale_if_error)"
-                );
-                Ok((Decision::SignedIn(signed), Vec::new(), Source::Stale))
-            }
-            _ => Err(failure),
+        match outcome {
+            Some(Outcome::Decided(decision, cookies)) => Ok((decision, cookies.to_vec(), Source::Introspection)),
+            Some(Outcome::Failed(failure)) => Err(Refusal::Failed(failure)),
+            None => Err(Refusal::Failed(Failure::Request("introspection call abandoned".into()))),
         }
     }
 }
@@ -372,8 +427,15 @@ impl Inner {
                 (store, Outcome::Decided(decision, cookies.into()))
             }
             Err(failure) => {
+                if let Some(kind) = failure.kind() {
+                    self.metrics.auth_introspection_errors.with_label_values(&[kind]).inc();
+                }
                 match &failure {
                     Failure::Invalid(_) => tracing::error!(error = %failure, "introspection answer unusable"),
+                    // Logged (and counted) where the breaker and the cap decide, not per request.
+                    Failure::CircuitOpen | Failure::Overloaded => {
+                        tracing::debug!(error = %failure, "introspection skipped")
+                    }
                     _ => tracing::warn!(error = %failure, "authentication service unavailable"),
                 }
                 (Store::Keep, Outcome::Failed(failure))

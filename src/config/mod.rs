@@ -124,6 +124,11 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// After SIGTERM: keep serving (with `/readyz` 503) this long before the listeners close,
+    /// while load balancers stop routing here.
+    pub shutdown_delay: Duration,
+    /// No progress on a request body for this long: 408, and the app's connection is released.
+    pub body_timeout: Duration,
     /// Upgrade protocols tunnelled to the app (lower-case tokens, never `h2c`).
     pub upgrades: Vec<String>,
     /// Forward client header names containing `_` (dropped by default, like nginx).
@@ -185,6 +190,14 @@ pub struct AuthSettings {
     /// Let the introspection answer's `Cache-Control` (`no-store`, `no-cache`, shorter `max-age`)
     /// shorten how long its decision is cached.
     pub respect_cache_control: bool,
+    /// Introspection calls in flight at most; beyond it, 503 at once.
+    pub max_in_flight: usize,
+    /// Consecutive failed introspection calls that open the circuit breaker (0 = no breaker).
+    pub breaker_failures: u32,
+    /// How long the open breaker fails calls fast before one probe is let through.
+    pub breaker_cooldown: Duration,
+    /// An ip-keyed rate-limit policy checked before each introspection call a cache miss makes.
+    pub introspection_rate_limit: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -374,5 +374,20 @@ pub(super) fn validate_auth(raw: RawAuth, e: &mut Errors) -> AuthSettings {
         header_prefix,
         ca_file: raw.ca_file,
         respect_cache_control: raw.respect_cache_control.unwrap_or(true),
+        max_in_flight: match raw.max_in_flight {
+            Some(0) => {
+                e.push("auth.max_in_flight", "must be at least 1");
+                1
+            }
+            Some(n) => n,
+            None => 256,
+        },
+        breaker_failures: raw.breaker_failures.unwrap_or(5),
+        breaker_cooldown: e.positive_duration(
+            "auth.breaker_cooldown",
+            raw.breaker_cooldown.as_deref(),
+            Duration::from_secs(5),
+        ),
+        introspection_rate_limit: raw.introspection_rate_limit,
     }
 }

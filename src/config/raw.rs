@@ -39,6 +39,8 @@ pub(super) struct RawServer {
     pub(super) idle_timeout: Option<String>,
     pub(super) max_connections: Option<usize>,
     pub(super) shutdown_grace: Option<String>,
+    pub(super) shutdown_delay: Option<String>,
+    pub(super) body_timeout: Option<String>,
     pub(super) upgrades: Option<Vec<String>>,
     #[serde(default)]
     pub(super) allow_underscore_headers: bool,
@@ -88,6 +90,10 @@ pub(super) struct RawAuth {
     pub(super) header_prefix: Option<String>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) respect_cache_control: Option<bool>,
+    pub(super) max_in_flight: Option<usize>,
+    pub(super) breaker_failures: Option<u32>,
+    pub(super) breaker_cooldown: Option<String>,
+    pub(super) introspection_rate_limit: Option<String>,
     #[serde(default)]
     pub(super) claims: BTreeMap<String, String>,
 }

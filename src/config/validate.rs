@@ -124,6 +124,17 @@ pub(super) fn validate(raw: RawConfig, e: &mut Errors) -> Option<Config> {
             }
         }
     }
+    if let Some(policy) = auth.as_ref().and_then(|a| a.introspection_rate_limit.as_ref()) {
+        let key = "auth.introspection_rate_limit";
+        match rate_limit.as_ref().map(|rl| rl.policies.get(policy)) {
+            None => e.push(key, format!("policy {policy:?} named but there is no [rate_limit] section")),
+            Some(None) => e.push(key, format!("unknown policy {policy:?} (not in rate_limit.policies)")),
+            Some(Some(p)) if p.key != LimitKey::Ip => {
+                e.push(key, format!("policy {policy:?} must have key = \"ip\" (no user is known before introspection)"))
+            }
+            Some(Some(_)) => {}
+        }
+    }
     for (i, route) in routes.iter().enumerate() {
         if route.chatkit_server.as_ref().is_some_and(|c| c.thread_ownership) && auth.is_none() {
             e.push(
@@ -214,6 +225,8 @@ pub(super) fn validate_server(raw: Option<RawServer>, e: &mut Errors) -> Option<
         idle_timeout: e.positive_duration("server.idle_timeout", raw.idle_timeout.as_deref(), Duration::from_secs(60)),
         max_connections: max_connections.max(1),
         shutdown_grace: e.duration("server.shutdown_grace", raw.shutdown_grace.as_deref(), Duration::from_secs(25)),
+        shutdown_delay: e.duration("server.shutdown_delay", raw.shutdown_delay.as_deref(), Duration::from_secs(5)),
+        body_timeout: e.positive_duration("server.body_timeout", raw.body_timeout.as_deref(), Duration::from_secs(30)),
         upgrades,
         allow_underscore_headers: raw.allow_underscore_headers,
     })
@@ -296,7 +309,9 @@ pub(super) fn validate_upstream(raw: Option<RawUpstream>, e: &mut Errors) -> Opt
         pool_idle_timeout: e.positive_duration(
             "upstream.pool_idle_timeout",
             raw.pool_idle_timeout.as_deref(),
-            Duration::from_secs(90),
+            // Below the idle timeouts of common app servers (gunicorn 2 s, Node and uvicorn 5 s):
+            // the gate must drop a pooled connection before the app does.
+            Duration::from_secs(1),
         ),
         pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
     })

@@ -25,6 +25,8 @@ pub struct GateBuilder {
     /// Everything after (`[auth]`, `[[routes]]`, `[rate_limit]`, `[chatkit]`, `[log]`).
     pub rest: String,
     pub redirect_listener: bool,
+    /// `server.shutdown_delay`: "0" unless a test asks (stopping a test gate stays quick).
+    pub shutdown_delay: String,
 }
 
 impl GateBuilder {
@@ -36,6 +38,7 @@ impl GateBuilder {
             upstream: String::new(),
             rest: String::new(),
             redirect_listener: false,
+            shutdown_delay: "0".into(),
         }
     }
 
@@ -63,6 +66,11 @@ impl GateBuilder {
         self
     }
 
+    pub fn shutdown_delay(mut self, delay: &str) -> Self {
+        self.shutdown_delay = delay.to_string();
+        self
+    }
+
     pub fn redirect_listener(mut self) -> Self {
         self.redirect_listener = true;
         self
@@ -79,8 +87,9 @@ impl GateBuilder {
     ) -> String {
         let redirect = plain.map(|p| format!("redirect_listen = \"{p}\"\n")).unwrap_or_default();
         format!(
-            "[server]\nlisten = \"{https}\"\n{redirect}{server}\n[tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n{tls}\n[upstream]\nurl = \"{up}\"\n{upstream}\n[admin]\nlisten = \"{admin}\"\n\n{rest}",
+            "[server]\nlisten = \"{https}\"\nshutdown_delay = \"{delay}\"\n{redirect}{server}\n[tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n{tls}\n[upstream]\nurl = \"{up}\"\n{upstream}\n[admin]\nlisten = \"{admin}\"\n\n{rest}",
             server = self.server,
+            delay = self.shutdown_delay,
             cert = cert.display(),
             key = key.display(),
             tls = self.tls,

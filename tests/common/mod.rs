@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod chatkit_server;
 pub mod fake_openai;
+pub mod flaky;
 pub mod gate;
 pub mod introspection;
 pub mod logs;

@@ -71,6 +71,10 @@ impl RedisServer {
     }
 
     fn start_cluster_node(port: u16) -> Result<RedisServer, StartError> {
+        Self::start_cluster_node_with_timeout(port, 5000)
+    }
+
+    fn start_cluster_node_with_timeout(port: u16, node_timeout_ms: u32) -> Result<RedisServer, StartError> {
         let dir = tempfile::Builder::new()
             .prefix("chatkit-gate-redis-cluster-")
             .tempdir()
@@ -82,7 +86,10 @@ impl RedisServer {
             "--cluster-config-file".to_string(),
             nodes_conf.display().to_string(),
             "--cluster-node-timeout".to_string(),
-            "5000".to_string(),
+            node_timeout_ms.to_string(),
+            // Replicas sync at once instead of after 5 s (only clusters with replicas sync).
+            "--repl-diskless-sync-delay".to_string(),
+            "0".to_string(),
         ];
         let mut server = RedisServer { port, dir, extra_args, process: None };
         server.spawn_and_wait()?;
@@ -323,18 +330,37 @@ impl RedisCluster {
         panic!("redis cluster could not bind free ports after 3 tries; last log:\n{last_error}");
     }
 
+    /// Three masters, each with one replica (six nodes), a 1 s node timeout so that a killed
+    /// master's replica takes over within a few seconds. Blocking, typically 2–4 s.
+    pub fn start_with_replicas() -> RedisCluster {
+        ensure_installed();
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Self::try_start_with(6, 1, 1000) {
+                Ok(cluster) => return cluster,
+                Err(StartError::PortTaken(log)) => last_error = log,
+                Err(StartError::Other(message)) => panic!("{message}"),
+            }
+        }
+        panic!("redis cluster could not bind free ports after 3 tries; last log:\n{last_error}");
+    }
+
     fn try_start() -> Result<RedisCluster, StartError> {
-        let ports = free_cluster_ports(3);
+        Self::try_start_with(3, 0, 5000)
+    }
+
+    fn try_start_with(count: usize, replicas: u32, node_timeout_ms: u32) -> Result<RedisCluster, StartError> {
+        let ports = free_cluster_ports(count);
         let mut nodes = Vec::with_capacity(ports.len());
         for port in ports {
-            nodes.push(RedisServer::start_cluster_node(port)?);
+            nodes.push(RedisServer::start_cluster_node_with_timeout(port, node_timeout_ms)?);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let output = Command::new(REDIS_CLI)
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("run `{REDIS_CLI} --cluster create` (is redis-tools installed?): {e}"));
@@ -349,7 +375,28 @@ impl RedisCluster {
         }
         let cluster = RedisCluster { nodes };
         cluster.wait_until_ok()?;
+        if replicas > 0 {
+            cluster.wait_until_replicas_synced()?;
+        }
         Ok(cluster)
+    }
+
+    /// A replica that never synced does not take over: wait until every replica's link is up.
+    fn wait_until_replicas_synced(&self) -> Result<(), StartError> {
+        let deadline = Instant::now() + CLUSTER_DEADLINE;
+        loop {
+            let synced = self.nodes.iter().all(|n| {
+                resp_call(n.port, &["INFO", "replication"])
+                    .is_ok_and(|r| r.contains("role:master") || r.contains("master_link_status:up"))
+            });
+            if synced {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(StartError::Other(format!("redis replicas not synced within {CLUSTER_DEADLINE:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn wait_until_ok(&self) -> Result<(), StartError> {
@@ -382,6 +429,29 @@ impl RedisCluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Indexes (into [`RedisCluster::nodes`]) of the nodes that are masters now.
+    pub fn masters(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i].is_running()
+                    && resp_call(self.nodes[i].port, &["INFO", "replication"]).is_ok_and(|r| r.contains("role:master"))
+            })
+            .collect()
+    }
+
+    /// Kill node `i` (SIGKILL, no goodbye to the cluster).
+    pub fn kill_node(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// True when every running node reports `cluster_state:ok`.
+    pub fn is_ok(&self) -> bool {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .all(|n| resp_call(n.port, &["CLUSTER", "INFO"]).is_ok_and(|info| info.contains("cluster_state:ok")))
     }
 
     /// `redis://127.0.0.1:PORT` of every node (all masters).
