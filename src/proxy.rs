@@ -395,6 +395,13 @@ impl Gateway {
             },
             None => None,
         };
+        let f = Forwarded {
+            peer,
+            https: ctx.https,
+            request_id: &ctx.request_id,
+            host: &admitted.host,
+            prior_forwarded_for: admitted.cleaned.prior_forwarded_for.as_deref(),
+        };
         let result = match ctx.route.kind {
             RouteKind::ChatKit(endpoint) => match (&self.chatkit, auth.identity.clone()) {
                 // Boxed: a rare path with a large future, kept out of every proxied request's state.
@@ -402,13 +409,6 @@ impl Gateway {
                 _ => Err(GateError::Unauthorized),
             },
             RouteKind::Proxy => {
-                let f = Forwarded {
-                    peer,
-                    https: ctx.https,
-                    request_id: &ctx.request_id,
-                    host: &admitted.host,
-                    prior_forwarded_for: admitted.cleaned.prior_forwarded_for.as_deref(),
-                };
                 self.forward(
                     parts,
                     GateBody::upload(body, self.server.body_timeout),
@@ -422,13 +422,6 @@ impl Gateway {
                 let identity = auth.identity.as_deref();
                 match Box::pin(self.chatkit_servers.admit(parts, body, identity, ctx, self.limiter.as_deref())).await {
                     Ok(a) => {
-                        let f = Forwarded {
-                            peer,
-                            https: ctx.https,
-                            request_id: &ctx.request_id,
-                            host: &admitted.host,
-                            prior_forwarded_for: admitted.cleaned.prior_forwarded_for.as_deref(),
-                        };
                         limits = a.limits;
                         // ChatKit requests are POSTs: never an upgrade.
                         self.forward(a.parts, a.body, &f, None, conn).await.map(|r| match a.guard {
