@@ -360,7 +360,8 @@ async fn introspection_refusing_connections_is_503() {
 
 #[tokio::test]
 async fn hundred_concurrent_requests_with_one_cookie_make_one_introspection_call() {
-    let h = start(&[("cache_ttl", "\"30s\"")]).await;
+    // A 2 s timeout: the 300 ms answer must not time out on a loaded CI machine.
+    let h = start(&[("cache_ttl", "\"30s\""), ("timeout", "\"2s\"")]).await;
     h.idp.set_delay(Duration::from_millis(300));
     let requests = (0..100).map(|i| h.get_as(if i % 2 == 0 { "/api/a" } else { "/b" }, "alice-token"));
     let responses = futures_util::future::join_all(requests).await;
