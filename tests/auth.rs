@@ -119,18 +119,21 @@ impl Harness {
 
     /// Audit lines of one kind, waiting briefly for the writer thread.
     async fn audit(&self, event: &str) -> Vec<serde_json::Value> {
-        let mut found = Vec::new();
-        for _ in 0..50 {
+        // The writer is a background thread: wait until some lines are there and two reads
+        // 50 ms apart agree.
+        let mut found: Vec<serde_json::Value> = Vec::new();
+        for _ in 0..60 {
             let text = std::fs::read_to_string(&self.audit_file).unwrap_or_default();
-            found = text
+            let now: Vec<serde_json::Value> = text
                 .lines()
                 .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
                 .filter(|v| v["event"] == event)
                 .collect();
-            if !found.is_empty() {
+            if !now.is_empty() && now.len() == found.len() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            found = now;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         found
     }
