@@ -381,7 +381,11 @@ impl RateLimiter {
             return Err(Denied::rate(too_many(wait, plan.policy_header.clone(), limit)));
         }
 
-        let nonce = format!("{:016x}", rand::random::<u64>());
+        // The sliding-log member of this request in Redis (and a Redis lease's id).
+        let nonce = match self.backend {
+            Backend::Redis(_) => format!("{:016x}", rand::random::<u64>()),
+            Backend::Local => String::new(),
+        };
         let mut local_now = 0;
         let (outcomes, source) = match &self.backend {
             Backend::Local => {
