@@ -61,8 +61,9 @@ audit_file = "/dev/null"
 /// meanwhile); tests that count on Redis wait for its connection.
 async fn wait_for_gate_connection(redis: &RedisServer) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    // One connection of ours for the whole wait: any other client is the gate.
+    let mut con = redis.connection().await;
     loop {
-        let mut con = redis.connection().await;
         let clients: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut con).await.unwrap();
         if clients.lines().count() > 1 {
             return;
