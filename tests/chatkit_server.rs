@@ -279,7 +279,7 @@ async fn a_second_concurrent_stream_is_limited_until_the_first_ends_or_is_aborte
     // A held lease lives in Redis, hash-tagged on the user, with a TTL; it is gone once released.
     // (carol: alice's 3 messages of the window are used up.)
     let held = post(&gate, "tok-carol", &create("stream:50:100")).await;
-    assert_eq!(held.status(), 200);
+    assert_eq!(held.status(), 200, "{:?}", held.headers());
     let mut held = held.bytes_stream();
     held.next().await.unwrap().unwrap();
     let mut con = redis.connection().await;

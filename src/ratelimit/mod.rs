@@ -400,6 +400,11 @@ impl RateLimiter {
                 }
                 Err(e) => {
                     self.store_failed(&e);
+                    // A timed-out call may still have run: never leave its lease behind.
+                    if let Some(c) = checks.get(limited) {
+                        let (redis, key, nonce) = (redis.clone(), c.key.clone(), nonce.clone());
+                        tokio::spawn(async move { redis.release(&key, &nonce).await });
+                    }
                     match self.on_store_error {
                         OnStoreError::Local => {
                             let (outcomes, now) = self.local.check_timed(&checks);
