@@ -55,6 +55,8 @@ max_attachments = 4
 [[routes]]
 name = "plain"
 path = "/"
+[log]
+audit_file = "$TMP/audit.jsonl"      # one CHATKIT_REQUEST line per ChatKit request (part of the cost)
 TOML
 
 # A user message of about 1 KiB, as the widget sends it.

@@ -61,8 +61,9 @@ audit_file = "/dev/null"
 /// meanwhile); tests that count on Redis wait for its connection.
 async fn wait_for_gate_connection(redis: &RedisServer) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    // One connection of ours for the whole wait: any other client is the gate.
+    let mut con = redis.connection().await;
     loop {
-        let mut con = redis.connection().await;
         let clients: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut con).await.unwrap();
         if clients.lines().count() > 1 {
             return;
@@ -278,7 +279,7 @@ async fn a_second_concurrent_stream_is_limited_until_the_first_ends_or_is_aborte
     // A held lease lives in Redis, hash-tagged on the user, with a TTL; it is gone once released.
     // (carol: alice's 3 messages of the window are used up.)
     let held = post(&gate, "tok-carol", &create("stream:50:100")).await;
-    assert_eq!(held.status(), 200);
+    assert_eq!(held.status(), 200, "{:?}", held.headers());
     let mut held = held.bytes_stream();
     held.next().await.unwrap().unwrap();
     let mut con = redis.connection().await;

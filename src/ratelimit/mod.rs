@@ -381,7 +381,11 @@ impl RateLimiter {
             return Err(Denied::rate(too_many(wait, plan.policy_header.clone(), limit)));
         }
 
-        let nonce = format!("{:016x}", rand::random::<u64>());
+        // The sliding-log member of this request in Redis (and a Redis lease's id).
+        let nonce = match self.backend {
+            Backend::Redis(_) => format!("{:016x}", rand::random::<u64>()),
+            Backend::Local => String::new(),
+        };
         let mut local_now = 0;
         let (outcomes, source) = match &self.backend {
             Backend::Local => {
@@ -396,6 +400,11 @@ impl RateLimiter {
                 }
                 Err(e) => {
                     self.store_failed(&e);
+                    // A timed-out call may still have run: never leave its lease behind.
+                    if let Some(c) = checks.get(limited) {
+                        let (redis, key, nonce) = (redis.clone(), c.key.clone(), nonce.clone());
+                        tokio::spawn(async move { redis.release(&key, &nonce).await });
+                    }
                     match self.on_store_error {
                         OnStoreError::Local => {
                             let (outcomes, now) = self.local.check_timed(&checks);

@@ -97,11 +97,19 @@ impl RedisLimiter {
 
     /// Give a concurrency lease back (its entry in the sliding log). Best effort: the lease's
     /// TTL expires it anyway.
+    /// Off the request path, so a slow Redis gets a few tries: a lost release holds a slot
+    /// until the TTL.
     pub async fn release(&self, key: &str, nonce: &str) {
         let mut call = self.refund.prepare_invoke();
         call.arg(nonce).key(key).arg("sw").arg(0);
-        if let Err(e) = self.store.invoke::<i64>(&call).await {
-            tracing::debug!(error = %e, "stream lease release failed; its TTL will expire it");
+        for (attempt, pause_ms) in [(1, 50), (2, 250), (3, 0)] {
+            match self.store.invoke::<i64>(&call).await {
+                Ok(_) => return,
+                Err(e) if attempt == 3 => {
+                    tracing::debug!(error = %e, "stream lease release failed; its TTL will expire it")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(pause_ms)).await,
+            }
         }
     }
 

@@ -40,7 +40,8 @@ impl ChatKitApp {
             .spawn()
             .expect("spawn python3 examples/chatkit-server/server.py");
         let app = ChatKitApp { addr, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Importing openai-chatkit (it pulls in openai-agents) takes seconds of CPU.
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if reqwest::get(app.url("/_test/state")).await.is_ok_and(|r| r.status().is_success()) {
                 break;
