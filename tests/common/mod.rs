@@ -8,6 +8,7 @@ pub mod gate;
 pub mod introspection;
 pub mod logs;
 pub mod redis;
+pub mod sliding_session;
 pub mod upstream;
 
 /// Wait (up to 5 s, polling every 10 ms) until `check` holds; fail the test naming `what`.
