@@ -47,10 +47,14 @@ pub fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blo
     let directives = if level.contains("rustls") { level.to_string() } else { format!("{level},rustls=error") };
     let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
+    // Lossy: when stdout stalls (a blocked pipe, a slow collector) lines are dropped and counted
+    // (chatkit_gate_log_lines_dropped_total) instead of blocking a worker thread mid-request.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
+        .lossy(true)
+        .buffered_lines_limit(64 * 1024)
         .thread_name("log-writer")
         .finish(std::io::stdout());
+    let _ = crate::metrics::LOG_LINES_DROPPED.set(writer.error_counter());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

@@ -21,6 +21,14 @@ pub enum GateError {
     Forbidden,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// `CONNECT` (and any other method the gate never forwards).
+    #[error("method not forwarded")]
+    MethodNotForwarded,
+    /// A host that `server.hosts` does not list.
+    #[error("misdirected request")]
+    MisdirectedRequest,
+    #[error("request header fields too large")]
+    HeadersTooLarge,
     #[error("request body too large")]
     PayloadTooLarge,
     #[error("rate limited, retry after {retry_after}s")]
@@ -56,7 +64,9 @@ impl GateError {
             GateError::HttpsRequired | GateError::Forbidden => StatusCode::FORBIDDEN,
             GateError::Unauthorized => StatusCode::UNAUTHORIZED,
             GateError::LoginRedirect(_) => StatusCode::FOUND,
-            GateError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GateError::MethodNotAllowed | GateError::MethodNotForwarded => StatusCode::METHOD_NOT_ALLOWED,
+            GateError::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
+            GateError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GateError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GateError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             GateError::AuthUnavailable
@@ -76,7 +86,9 @@ impl GateError {
             GateError::HttpsRequired => "HTTPS required".into(),
             GateError::Unauthorized | GateError::LoginRedirect(_) => "Unauthorized".into(),
             GateError::Forbidden => "Forbidden".into(),
-            GateError::MethodNotAllowed => "Method not allowed".into(),
+            GateError::MethodNotAllowed | GateError::MethodNotForwarded => "Method not allowed".into(),
+            GateError::MisdirectedRequest => "Misdirected request".into(),
+            GateError::HeadersTooLarge => "Request header fields too large".into(),
             GateError::PayloadTooLarge => "Request body too large".into(),
             GateError::TooManyRequests { .. } => "Too many requests".into(),
             GateError::AuthUnavailable => "Authentication service unavailable".into(),
@@ -127,6 +139,9 @@ impl GateError {
             GateError::MethodNotAllowed => {
                 headers.insert(ALLOW, HeaderValue::from_static("POST"));
             }
+            GateError::MethodNotForwarded => {
+                headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+            }
             _ => {}
         }
         resp
@@ -163,6 +178,9 @@ mod tests {
             (GateError::Unauthorized, 401, r#"{"error":"Unauthorized"}"#),
             (GateError::Forbidden, 403, r#"{"error":"Forbidden"}"#),
             (GateError::MethodNotAllowed, 405, r#"{"error":"Method not allowed"}"#),
+            (GateError::MethodNotForwarded, 405, r#"{"error":"Method not allowed"}"#),
+            (GateError::MisdirectedRequest, 421, r#"{"error":"Misdirected request"}"#),
+            (GateError::HeadersTooLarge, 431, r#"{"error":"Request header fields too large"}"#),
             (GateError::PayloadTooLarge, 413, r#"{"error":"Request body too large"}"#),
             (
                 GateError::TooManyRequests { retry_after: 7, headers: HeaderMap::new() },

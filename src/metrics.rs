@@ -33,7 +33,40 @@ pub struct Metrics {
     pub tls_cert_expiry: Gauge,
     pub tls_reloads: IntCounterVec,
     pub audit_dropped: IntCounter,
+    pub admin_connections_refused: IntCounter,
     pub build_info: GaugeVec,
+}
+
+/// Log lines the non-blocking writer dropped (its queue was full: stdout stalled). Set once by
+/// the binary's logging setup; read at scrape time.
+pub static LOG_LINES_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Exports [`LOG_LINES_DROPPED`] as `chatkit_gate_log_lines_dropped_total`.
+#[derive(Clone)]
+struct LogDropped {
+    desc: prometheus::core::Desc,
+}
+
+impl prometheus::core::Collector for LogDropped {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let dropped = LOG_LINES_DROPPED.get().map_or(0, |c| c.dropped_lines());
+        let c = IntCounter::with_opts(Opts::new(
+            "chatkit_gate_log_lines_dropped_total",
+            "Log lines dropped because the log output fell behind (it never blocks requests).",
+        ));
+        match c {
+            Ok(c) => {
+                c.inc_by(dropped as u64);
+                c.collect()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -64,6 +97,14 @@ impl Metrics {
         let r = Registry::new();
         #[cfg(target_os = "linux")]
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        r.register(Box::new(LogDropped {
+            desc: prometheus::core::Desc::new(
+                "chatkit_gate_log_lines_dropped_total".into(),
+                "Log lines dropped because the log output fell behind (it never blocks requests).".into(),
+                Vec::new(),
+                std::collections::HashMap::new(),
+            )?,
+        }))?;
         let m = Metrics {
             http_requests: counter_vec(
                 &r,
@@ -170,6 +211,13 @@ impl Metrics {
                 IntCounter::new(
                     "chatkit_gate_audit_events_dropped_total",
                     "Audit events dropped because the writer fell behind.",
+                )?,
+            )?,
+            admin_connections_refused: reg(
+                &r,
+                IntCounter::new(
+                    "chatkit_gate_admin_connections_refused_total",
+                    "Admin-listener connections closed at once because admin.max_connections were open.",
                 )?,
             )?,
             build_info: reg(

@@ -12,19 +12,22 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{AuthResult, Authenticator, strip_prefixed};
+use crate::auth::{AuthResult, Authenticator};
 use crate::body::GateBody;
 use crate::chatkit::ChatKit;
 use crate::config::{Config, ServerSettings};
 use crate::context::RequestContext;
 use crate::error::GateError;
 use crate::https;
+use crate::hygiene::{self, Cleaned, HeaderRules};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::routes::{RouteKind, RouteTable};
 use crate::upstream::{self, Forwarded, Upstream, X_FORWARDED_PROTO, X_REQUEST_ID};
+use crate::tunnel;
 
 /// Identity headers are stripped with this prefix when `[auth]` is absent.
 const DEFAULT_PREFIX: &str = "x-auth-request-";
@@ -35,9 +38,59 @@ const DEFAULT_PREFIX: &str = "x-auth-request-";
 pub struct ConnActivity {
     in_flight: AtomicUsize,
     idle_since_ms: AtomicU64,
+    /// HTTP/1: when the first byte of a request head arrived while nothing was in flight
+    /// (`NOT_WAITING` otherwise); the header timeout runs from there, not from the last answer.
+    head_since_ms: AtomicU64,
+    /// HTTP/2 connections have no header wait to time (frames flow while idle).
+    multiplexed: std::sync::atomic::AtomicBool,
+    /// The connection's `max_connections` slot: held by the connection and by a tunnel that
+    /// outlives it (an upgraded connection still counts).
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl ConnActivity {
+    /// A new connection: the header timeout runs from now for its first request.
+    pub fn new(permit: Option<OwnedSemaphorePermit>, now_ms: u64) -> ConnActivity {
+        let c = ConnActivity { _permit: permit, ..ConnActivity::default() };
+        c.head_since_ms.store(now_ms, Ordering::Relaxed);
+        c.idle_since_ms.store(now_ms, Ordering::Relaxed);
+        c
+    }
+
+    /// Restart the first request's header clock (after the TLS handshake).
+    pub fn first_request_clock(&self, now_ms: u64) {
+        self.head_since_ms.store(now_ms, Ordering::Relaxed);
+        self.idle_since_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Bytes arrived from the client: between requests on HTTP/1 they start a request head.
+    pub fn bytes_received(&self, now_ms: u64) {
+        if !self.multiplexed.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_since_ms.load(Ordering::Relaxed) == NOT_WAITING
+        {
+            self.head_since_ms.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// How long a request head has been arriving, if one is.
+    pub fn head_wait_ms(&self, now_ms: u64) -> Option<u64> {
+        let since = self.head_since_ms.load(Ordering::Relaxed);
+        (since != NOT_WAITING && !self.multiplexed.load(Ordering::Relaxed)).then(|| now_ms.saturating_sub(since))
+    }
+
+    fn request_started(&self, version: http::Version) {
+        self.head_since_ms.store(NOT_WAITING, Ordering::Relaxed);
+        if version == http::Version::HTTP_2 {
+            self.multiplexed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Is a request (or a stream) in flight on this connection?
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
     /// Milliseconds idle at `now_ms`, or `None` while a request is in flight.
     pub fn idle_ms(&self, now_ms: u64) -> Option<u64> {
         (self.in_flight.load(Ordering::Acquire) == 0)
@@ -48,6 +101,8 @@ impl ConnActivity {
         self.idle_since_ms.store(now_ms, Ordering::Release);
     }
 }
+
+const NOT_WAITING: u64 = u64::MAX;
 
 /// Lives as long as a response (its body included): in-flight accounting.
 struct InFlight {
@@ -94,6 +149,7 @@ pub struct Gateway {
     limiter: Option<RateLimiter>,
     chatkit: Option<ChatKit>,
     hsts: Option<HeaderValue>,
+    header_rules: HeaderRules,
     pub(crate) metrics: Metrics,
     pub(crate) clock: Arc<Clock>,
     /// Upgraded (tunnelled) connections, so shutdown can wait for them.
@@ -117,6 +173,14 @@ impl Gateway {
             limiter,
             chatkit,
             hsts: config.tls.hsts.clone(),
+            header_rules: HeaderRules {
+                identity_prefix: config
+                    .auth
+                    .as_ref()
+                    .map_or(DEFAULT_PREFIX.to_string(), |a| a.header_prefix.to_ascii_lowercase().replace('_', "-")),
+                allow_underscore: config.server.allow_underscore_headers,
+                upgrades: config.server.upgrades.clone(),
+            },
             metrics,
             clock: Arc::new(Clock::new()),
             tunnels: TaskTracker::new(),
@@ -145,6 +209,7 @@ impl Gateway {
         let started = Instant::now();
         self.metrics.http_in_flight.inc();
         conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        conn.request_started(req.version());
         let guard = InFlight { metrics: self.metrics.clone(), conn, clock: self.clock.clone() };
 
         let peer_trusted = upstream::peer_is_trusted(peer, &self.server.trusted_proxies);
@@ -155,15 +220,24 @@ impl Gateway {
         let client_ip = upstream::client_ip(peer, req.headers(), &self.server.trusted_proxies);
         let method = req.method().clone();
 
+        let mut req = req;
         let (route_name, mut resp, error) = if !https {
             let resp = https::plain_http_answer(req.method(), req.uri(), req.headers(), &self.server);
             ("https_redirect", resp, None)
         } else {
-            let route = self.routes.find(req.uri().path()).clone();
-            let index = route.index;
-            let ctx = RequestContext { request_id: request_id.clone(), client_ip, route, https };
-            let (resp, error) = self.handle(req, &ctx, peer, peer_trusted).await;
-            (self.routes.all()[index].name.as_str(), resp, error)
+            match self.admit(&mut req, peer_trusted) {
+                Ok(admitted) => {
+                    let route = self.routes.find(req.uri().path()).clone();
+                    let index = route.index;
+                    let ctx = RequestContext { request_id: request_id.clone(), client_ip, route, https };
+                    let (resp, error) = self.handle(req, &ctx, peer, admitted, &guard.conn).await;
+                    (self.routes.all()[index].name.as_str(), resp, error)
+                }
+                Err(e) => {
+                    drain_unread(req.into_body());
+                    ("rejected", e.to_response(), Some(e))
+                }
+            }
         };
 
         let status = resp.status();
@@ -177,7 +251,7 @@ impl Gateway {
         self.metrics.http_request_duration.with_label_values(&[route_name]).observe(elapsed.as_secs_f64());
         let rid = request_id.to_str().unwrap_or("-");
         match error {
-            Some(e) if status.is_server_error() => tracing::warn!(
+            Some(e) if status.is_server_error() || route_name == "rejected" => tracing::warn!(
                 method = %method, route = route_name, status = status.as_u16(), duration_ms = elapsed.as_micros() as f64 / 1000.0,
                 request_id = rid, client_ip = %client_ip, error = %e, "request"
             ),
@@ -196,23 +270,26 @@ impl Gateway {
         req: Request<Incoming>,
         ctx: &RequestContext,
         peer: SocketAddr,
-        peer_trusted: bool,
+        admitted: Admitted,
+        conn: &Arc<ConnActivity>,
     ) -> (Response<GateBody>, Option<GateError>) {
         let (mut parts, body) = req.into_parts();
         let auth = match &self.auth {
             Some(a) => match a.authorize(&ctx.route, &mut parts, ctx).await {
                 Ok(r) => r,
-                Err(e) => return failed(e),
+                Err(e) => return early(e, body),
             },
-            None => {
-                strip_prefixed(&mut parts.headers, DEFAULT_PREFIX);
-                AuthResult::default()
-            }
+            None => AuthResult::default(),
         };
+        // The gate's own endpoints take POST only: a wrong method is refused before it can use
+        // rate-limit quota.
+        if matches!(ctx.route.kind, RouteKind::ChatKit(_)) && parts.method != Method::POST {
+            return early(GateError::MethodNotAllowed, body);
+        }
         let limits = match &self.limiter {
             Some(l) => match l.check(&ctx.route, auth.identity.as_deref(), ctx).await {
                 Ok(h) => h,
-                Err(e) => return failed(e),
+                Err(e) => return early(e, body),
             },
             None => None,
         };
@@ -223,8 +300,14 @@ impl Gateway {
                 _ => Err(GateError::Unauthorized),
             },
             RouteKind::Proxy => {
-                let f = Forwarded { peer, peer_trusted, https: ctx.https, request_id: &ctx.request_id };
-                self.forward(parts, body, &f).await
+                let f = Forwarded {
+                    peer,
+                    https: ctx.https,
+                    request_id: &ctx.request_id,
+                    host: &admitted.host,
+                    prior_forwarded_for: admitted.cleaned.prior_forwarded_for.as_deref(),
+                };
+                self.forward(parts, body, &f, admitted.cleaned.upgrade, conn).await
             }
         };
         let (mut resp, error) = match result {
@@ -241,39 +324,70 @@ impl Gateway {
         (resp, error)
     }
 
-    /// Forward to the app, streaming both bodies; tunnel an upgrade when the app agrees.
+    /// Check what the app will be told before anything else runs: the method, the header block's
+    /// size (HTTP/2; hyper bounds HTTP/1.1 itself), the host, and the path, normalised in place
+    /// so the route is chosen on exactly what is forwarded; then the header pass.
+    fn admit(&self, req: &mut Request<Incoming>, peer_trusted: bool) -> Result<Admitted, GateError> {
+        if !hygiene::method_allowed(req.method()) {
+            return Err(GateError::MethodNotForwarded);
+        }
+        if req.version() == http::Version::HTTP_2 && header_list_size(req) > self.server.max_header_bytes {
+            return Err(GateError::HeadersTooLarge);
+        }
+        let host = hygiene::request_host(req.version(), req.uri(), req.headers(), &self.server.hosts)?;
+        let normalised = match hygiene::normalize_path(req.uri().path()) {
+            Ok(std::borrow::Cow::Owned(p)) => Some(p),
+            Ok(std::borrow::Cow::Borrowed(_)) => None,
+            Err(hygiene::UnsafePath) => return Err(GateError::BadRequest("Bad request")),
+        };
+        if let Some(path) = normalised {
+            *req.uri_mut() = hygiene::with_path(req.uri(), &path)?;
+        }
+        let version = req.version();
+        let cleaned = hygiene::clean_request_headers(req.headers_mut(), version, peer_trusted, &self.header_rules);
+        Ok(Admitted { host, cleaned })
+    }
+
+    /// Forward to the app, streaming both bodies; tunnel an upgrade when the app agrees to the
+    /// protocol the client asked for.
     async fn forward(
         &self,
         mut parts: http::request::Parts,
         body: Incoming,
         f: &Forwarded<'_>,
+        asked: Option<HeaderValue>,
+        conn: &Arc<ConnActivity>,
     ) -> Result<Response<GateBody>, GateError> {
-        let upgrade = upstream::wants_upgrade(&parts.headers, parts.version);
-        let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
-        upstream::remove_hop_by_hop(&mut parts.headers, upgrade);
-        upstream::set_forwarding_headers(&mut parts.headers, &parts.uri, f);
+        let client_upgrade = if asked.is_some() { parts.extensions.remove::<OnUpgrade>() } else { None };
+        upstream::set_forwarding_headers(&mut parts.headers, f);
         parts.uri = self.upstream.uri_for(parts.uri.path_and_query())?;
         parts.version = http::Version::HTTP_11;
         let req = Request::from_parts(parts, GateBody::incoming(body));
 
         let mut resp = self.upstream.send(req).await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(client), true) = (client_upgrade, upgrade) else {
+            let (Some(asked), Some(client)) = (asked, client_upgrade) else {
                 tracing::warn!("app answered 101 to a request that did not ask to upgrade");
                 return Err(GateError::UpstreamUnavailable);
             };
+            if !hygiene::upgrade_accepted(&asked, resp.headers()) {
+                tracing::warn!(
+                    asked = asked.to_str().unwrap_or("?"),
+                    answered = resp.headers().get(http::header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or(""),
+                    "app switched to a protocol the client did not ask for; not tunnelled"
+                );
+                return Err(GateError::UpstreamUnavailable);
+            }
             let app = hyper::upgrade::on(&mut resp);
+            let idle = self.server.idle_timeout;
+            let (clock, conn) = (self.clock.clone(), conn.clone());
             self.tunnels.spawn(async move {
                 match tokio::try_join!(client, app) {
-                    Ok((client, app)) => {
-                        let mut client = TokioIo::new(client);
-                        let mut app = TokioIo::new(app);
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
-                            tracing::debug!(error = %e, "tunnel closed with error");
-                        }
-                    }
+                    Ok((client, app)) => tunnel::run(TokioIo::new(client), TokioIo::new(app), idle, &clock).await,
                     Err(e) => tracing::warn!(error = %e, "upgrade failed"),
                 }
+                // The connection's max_connections slot is released with the tunnel.
+                drop(conn);
             });
             let (mut parts, _) = resp.into_parts();
             upstream::remove_hop_by_hop(&mut parts.headers, true);
@@ -283,6 +397,58 @@ impl Gateway {
         upstream::remove_hop_by_hop(&mut parts.headers, false);
         Ok(Response::from_parts(parts, GateBody::incoming(body)))
     }
+}
+
+/// What admission established for a request that may go on.
+struct Admitted {
+    host: HeaderValue,
+    cleaned: Cleaned,
+}
+
+/// HTTP/2 header list size as RFC 9113 §6.5.2 counts it (name + value + 32 per field).
+fn header_list_size(req: &Request<Incoming>) -> usize {
+    let pseudo = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + req.method().as_str().len() + 96;
+    req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum::<usize>() + pseudo
+}
+
+/// Largest request body read and discarded after an early answer, and for how long.
+const DRAIN_MAX_BYTES: usize = 16 << 20;
+const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// After an early answer (401, 429, 400…) the client may still be sending its body. Reading
+/// and discarding it, bounded, lets the answer arrive: otherwise HTTP/2 resets the stream and
+/// HTTP/1.1 closes on unread data, and clients report a reset instead of the answer.
+fn drain_unread(body: Incoming) {
+    use http_body::Body as _;
+    use http_body_util::BodyExt as _;
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut seen = 0usize;
+        let deadline = tokio::time::sleep(DRAIN_MAX_TIME);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                frame = body.frame() => match frame {
+                    Some(Ok(f)) => {
+                        seen += f.data_ref().map_or(0, bytes::Bytes::len);
+                        if seen > DRAIN_MAX_BYTES {
+                            return;
+                        }
+                    }
+                    _ => return,
+                },
+                () = &mut deadline => return,
+            }
+        }
+    });
+}
+
+fn early(e: GateError, body: Incoming) -> (Response<GateBody>, Option<GateError>) {
+    drain_unread(body);
+    failed(e)
 }
 
 fn failed(e: GateError) -> (Response<GateBody>, Option<GateError>) {

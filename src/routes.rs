@@ -1,4 +1,5 @@
-//! The route table: first match by path prefix; the gate's own ChatKit paths match exactly.
+//! The route table: first match by path prefix on segment boundaries, on the normalised path
+//! ([`crate::hygiene::normalize_path`]); the gate's own ChatKit paths match exactly.
 
 use std::sync::Arc;
 
@@ -80,14 +81,14 @@ impl RouteTable {
         RouteTable { routes: routes.into_iter().map(Arc::new).collect(), exact }
     }
 
-    /// The route for a request path (never fails: the last route is the default).
+    /// The route for a normalised request path (never fails: the last route is the default).
     pub fn find(&self, path: &str) -> &Arc<Route> {
         let (own, rest) = self.routes.split_at(self.exact);
         if let Some(r) = own.iter().find(|r| r.path == path) {
             return r;
         }
         let last = rest.len() - 1;
-        rest[..last].iter().find(|r| path.starts_with(&r.path)).unwrap_or(&rest[last])
+        rest[..last].iter().find(|r| crate::hygiene::prefix_matches(&r.path, path)).unwrap_or(&rest[last])
     }
 
     pub fn all(&self) -> &[Arc<Route>] {
@@ -128,6 +129,9 @@ mod tests {
         .unwrap();
         let t = RouteTable::new(&config);
         assert_eq!(t.find("/login").name, "/login");
+        assert_eq!(t.find("/login/next").name, "/login");
+        assert_eq!(t.find("/loginx").name, "default");
+        assert_eq!(t.find("/login-admin").name, "default");
         assert_eq!(t.find("/api/public/x").name, "api");
         assert_eq!(t.find("/api/chatkit/session").kind, RouteKind::ChatKit(Endpoint::Session));
         assert_eq!(t.find("/api/chatkit/session/x").name, "api");

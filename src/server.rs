@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, Readiness};
 use crate::audit::{Audit, AuditSink};
+use crate::client_io::ClientIo;
 use crate::auth::Authenticator;
 use crate::chatkit::ChatKit;
 use crate::config::Config;
@@ -107,6 +108,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         http,
         drain: drain.clone(),
         idle_timeout: config.server.idle_timeout,
+        header_timeout: config.server.header_timeout,
         handshake_timeout: config.tls.handshake_timeout,
     });
     let mut accept_loops = Vec::new();
@@ -130,7 +132,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     }
     let admin_addr = listeners.admin.local_addr()?;
     let admin_stop = CancellationToken::new();
-    let admin_task = tokio::spawn(admin_loop(listeners.admin, admin.clone(), admin_stop.clone()));
+    let admin_task = tokio::spawn(admin_loop(
+        listeners.admin,
+        admin.clone(),
+        admin_stop.clone(),
+        config.server.header_timeout,
+        config.admin.max_connections,
+    ));
     readiness.started.store(true, Ordering::Release);
     tracing::info!(
         https = %addrs.0,
@@ -174,18 +182,28 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
 
 fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's header timer also runs while a keep-alive connection waits for its next request,
+    // which would close idle connections at header_timeout: serve_connection times heads itself.
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.server.header_timeout)
+        .header_read_timeout(None)
         .max_buf_size(config.server.max_header_bytes.max(8192))
         .keep_alive(true);
+    // HTTP/2: h2 refuses a header block over this size with a GOAWAY (the client never sees an
+    // answer), so it is set above max_header_bytes and the gate answers 431 itself.
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(config.server.max_header_bytes as u32)
+        .max_header_list_size(h2_header_list_limit(config.server.max_header_bytes))
         .max_concurrent_streams(250)
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     b
+}
+
+/// The header-list size hyper's HTTP/2 side accepts: well above `max_header_bytes`, which the
+/// gate enforces itself with a 431.
+fn h2_header_list_limit(max_header_bytes: usize) -> u32 {
+    u32::try_from(max_header_bytes.saturating_mul(4).max(128 * 1024)).unwrap_or(u32::MAX)
 }
 
 struct ConnCtx {
@@ -193,6 +211,7 @@ struct ConnCtx {
     http: Arc<auto::Builder<TokioExecutor>>,
     drain: CancellationToken,
     idle_timeout: Duration,
+    header_timeout: Duration,
     handshake_timeout: Duration,
 }
 
@@ -226,25 +245,35 @@ async fn accept_loop(
         let ctx = ctx.clone();
         let tls = tls.as_ref().map(|rx| rx.borrow().clone());
         tracker.spawn(async move {
-            let _permit = permit;
             ctx.gateway.metrics.connections_open.inc();
+            let activity = Arc::new(ConnActivity::new(Some(permit), ctx.gateway.clock.now_ms()));
             match tls {
-                Some(config) => serve_tls(stream, peer, config, &ctx).await,
-                None => serve_connection(stream, peer, false, &ctx).await,
+                Some(config) => serve_tls(stream, peer, config, &ctx, activity).await,
+                None => serve_connection(stream, peer, false, &ctx, activity).await,
             }
             ctx.gateway.metrics.connections_open.dec();
         });
     }
 }
 
-async fn serve_tls(stream: TcpStream, peer: SocketAddr, config: Arc<ServerConfig>, ctx: &ConnCtx) {
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: Arc<ServerConfig>,
+    ctx: &ConnCtx,
+    activity: Arc<ConnActivity>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let handshake = tokio::select! {
         r = tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(stream)) => r,
         () = ctx.drain.cancelled() => return,
     };
     match handshake {
-        Ok(Ok(tls)) => serve_connection(tls, peer, true, ctx).await,
+        Ok(Ok(tls)) => {
+            // The header timeout of the first request runs from the end of the handshake.
+            activity.first_request_clock(ctx.gateway.clock.now_ms());
+            serve_connection(tls, peer, true, ctx, activity).await
+        }
         Ok(Err(e)) => {
             ctx.gateway.metrics.tls_handshake_errors.inc();
             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
@@ -256,13 +285,12 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, config: Arc<ServerConfig
     }
 }
 
-async fn serve_connection<I>(io: I, peer: SocketAddr, tls: bool, ctx: &ConnCtx)
+async fn serve_connection<I>(io: I, peer: SocketAddr, tls: bool, ctx: &ConnCtx, activity: Arc<ConnActivity>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let gateway = ctx.gateway.clone();
-    let activity = Arc::new(ConnActivity::default());
-    activity.touch(gateway.clock.now_ms());
+    let io = ClientIo::new(io, activity.clone(), gateway.clock.clone());
     let service = {
         let activity = activity.clone();
         service_fn(move |req| gateway.clone().serve(req, peer, tls, activity.clone()))
@@ -270,7 +298,9 @@ where
     let conn = ctx.http.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let idle_ms = ctx.idle_timeout.as_millis() as u64;
-    let mut tick = tokio::time::interval((ctx.idle_timeout / 4).max(Duration::from_millis(100)));
+    let head_ms = ctx.header_timeout.as_millis() as u64;
+    let period = (ctx.idle_timeout.min(ctx.header_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;
     loop {
@@ -285,8 +315,14 @@ where
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tick.tick(), if !closing => {
-                if activity.idle_ms(ctx.gateway.clock.now_ms()).is_some_and(|ms| ms >= idle_ms) {
+            _ = tick.tick() => {
+                let now = ctx.gateway.clock.now_ms();
+                // A request head that takes longer than header_timeout (slowloris): cut off.
+                if activity.head_wait_ms(now).is_some_and(|ms| ms >= head_ms) {
+                    tracing::info!(client_ip = %peer.ip(), "request headers too slow: connection closed");
+                    return;
+                }
+                if !closing && activity.head_wait_ms(now).is_none() && activity.idle_ms(now).is_some_and(|ms| ms >= idle_ms) {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
@@ -312,8 +348,20 @@ fn log_connection_error(peer: SocketAddr, e: &(dyn std::error::Error + 'static))
     }
 }
 
-async fn admin_loop(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
-    let http = hyper::server::conn::http1::Builder::new();
+/// The admin listener: HTTP/1.1 only, the same header timeout as the public one (here hyper's
+/// own timer is right: an idle scrape connection may be closed), and its own connection cap so
+/// a flood of half-open connections cannot starve `/healthz` of file descriptors for long.
+async fn admin_loop(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    stop: CancellationToken,
+    header_timeout: Duration,
+    max_connections: usize,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(16 * 1024);
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let mut refused_logged = std::time::Instant::now() - Duration::from_secs(60);
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -326,9 +374,20 @@ async fn admin_loop(listener: TcpListener, admin: Arc<Admin>, stop: Cancellation
             },
             () = stop.cancelled() => return,
         };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // Full: close at once rather than queue (a queued probe would time out anyway).
+            admin.metrics.admin_connections_refused.inc();
+            if refused_logged.elapsed() >= Duration::from_secs(10) {
+                refused_logged = std::time::Instant::now();
+                tracing::warn!(max_connections, "admin listener full: refusing connections");
+            }
+            drop(stream);
+            continue;
+        };
         let admin = admin.clone();
         let conn = http.serve_connection(TokioIo::new(stream), service_fn(move |req| admin.clone().serve(req)));
         tokio::spawn(async move {
+            let _permit = permit;
             let _ = conn.await;
         });
     }

@@ -108,7 +108,21 @@ fn digest(cert: &[u8], key: &[u8]) -> [u8; 32] {
 /// Load the certificate and, for files, start polling them every `reload_interval`. New
 /// connections read the receiver; a broken replacement keeps the last good config.
 pub fn start(settings: &TlsSettings, metrics: &Metrics) -> Result<watch::Receiver<Arc<ServerConfig>>, TlsError> {
-    let loaded = load(settings)?;
+    // The digest that tells a later change is taken from the very bytes loaded here: a rotation
+    // landing between two reads must not be mistaken for the certificate already served.
+    let (loaded, seen) = match &settings.source {
+        TlsSource::SelfSigned => (self_signed()?, [0; 32]),
+        TlsSource::Files { cert_file, key_file } => {
+            let (cert, key) = (read(cert_file)?, read(key_file)?);
+            let loaded = server_config_from_pem(
+                &cert,
+                &key,
+                &cert_file.display().to_string(),
+                &key_file.display().to_string(),
+            )?;
+            (loaded, digest(&cert, &key))
+        }
+    };
     if let Some(t) = loaded.not_after {
         metrics.tls_cert_expiry.set(t as f64);
     }
@@ -125,12 +139,8 @@ pub fn start(settings: &TlsSettings, metrics: &Metrics) -> Result<watch::Receive
             let (cert_file, key_file) = (cert_file.clone(), key_file.clone());
             let interval = settings.reload_interval;
             let metrics = metrics.clone();
-            let initial = match (std::fs::read(&cert_file), std::fs::read(&key_file)) {
-                (Ok(c), Ok(k)) => digest(&c, &k),
-                _ => [0; 32],
-            };
             tokio::spawn(async move {
-                reload_loop(tx, &cert_file, &key_file, interval, initial, metrics).await;
+                reload_loop(tx, &cert_file, &key_file, interval, seen, metrics).await;
             });
         }
     }

@@ -219,39 +219,26 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// What the forwarding headers are made from.
 pub struct Forwarded<'a> {
     pub peer: SocketAddr,
-    pub peer_trusted: bool,
     pub https: bool,
     pub request_id: &'a HeaderValue,
+    /// The validated host of the request (`Host` and `X-Forwarded-Host` for the app).
+    pub host: &'a HeaderValue,
+    /// A trusted peer's `X-Forwarded-For` chain, extended with the peer.
+    pub prior_forwarded_for: Option<&'a str>,
 }
 
-/// Set `Host`, `X-Forwarded-For/-Proto/-Host` and `X-Request-Id` on a request to the app.
-pub fn set_forwarding_headers(headers: &mut HeaderMap, uri: &Uri, f: &Forwarded<'_>) {
-    // HTTP/2 clients send :authority instead of Host; the app gets the host the client asked for.
-    if !headers.contains_key(HOST)
-        && let Some(a) = uri.authority()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        headers.insert(HOST, v);
-    }
+/// Set `Host`, `X-Forwarded-For/-Proto/-Host` and `X-Request-Id` on a request to the app. Client
+/// copies of these were removed by the header pass ([`crate::hygiene::clean_request_headers`]).
+pub fn set_forwarding_headers(headers: &mut HeaderMap, f: &Forwarded<'_>) {
+    headers.insert(HOST, f.host.clone());
     let peer_ip = canonical(f.peer.ip());
-    if f.peer_trusted {
-        let prior: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-        let joined = if prior.is_empty() { peer_ip.to_string() } else { format!("{}, {peer_ip}", prior.join(", ")) };
-        if let Ok(v) = HeaderValue::from_str(&joined) {
-            headers.insert(&X_FORWARDED_FOR, v);
-        }
-    } else {
-        headers.insert(&X_FORWARDED_FOR, peer_ip_value(peer_ip));
-        headers.remove(&X_FORWARDED_HOST);
-    }
-    if !(f.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) || f.https {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if f.https { "https" } else { "http" }));
-    }
-    if !headers.contains_key(&X_FORWARDED_HOST)
-        && let Some(host) = headers.get(HOST).cloned()
-    {
-        headers.insert(&X_FORWARDED_HOST, host);
-    }
+    let xff = match f.prior_forwarded_for {
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {peer_ip}")).unwrap_or_else(|_| peer_ip_value(peer_ip)),
+        None => peer_ip_value(peer_ip),
+    };
+    headers.insert(&X_FORWARDED_FOR, xff);
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if f.https { "https" } else { "http" }));
+    headers.insert(&X_FORWARDED_HOST, f.host.clone());
     headers.insert(&X_REQUEST_ID, f.request_id.clone());
 }
 

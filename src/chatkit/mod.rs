@@ -60,6 +60,26 @@ pub struct ChatKit {
     /// Old-session cancellations running after their refresh was answered.
     cancels: TaskTracker,
     body_limit: usize,
+    /// Refreshes in progress, by token and user: a second refresh with the same token waits for
+    /// the first and gets its session instead of minting (and cancelling) again.
+    refreshes: std::sync::Mutex<std::collections::HashMap<(SecretHash, String), Arc<RefreshFlight>>>,
+}
+
+/// One refresh in progress; filled with the new session's answer once minted.
+type RefreshFlight = tokio::sync::OnceCell<(String, i64)>;
+
+/// Removes a refresh flight from the map when its leader finishes (or is cancelled).
+struct FlightEntry<'a> {
+    map: &'a std::sync::Mutex<std::collections::HashMap<(SecretHash, String), Arc<RefreshFlight>>>,
+    key: Option<(SecretHash, String)>,
+}
+
+impl Drop for FlightEntry<'_> {
+    fn drop(&mut self) {
+        if let (Some(key), Ok(mut map)) = (self.key.take(), self.map.lock()) {
+            map.remove(&key);
+        }
+    }
 }
 
 /// What a refresh token turned out to be.
@@ -90,6 +110,7 @@ impl ChatKit {
             audit,
             cancels: TaskTracker::new(),
             body_limit: DEFAULT_BODY_LIMIT,
+            refreshes: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -140,13 +161,53 @@ impl ChatKit {
             return Err(GateError::PayloadTooLarge);
         }
         let request = parse_body(&body)?;
-        let previous = match endpoint {
-            Endpoint::Session => Previous::Unknown,
+        let (client_secret, expires_at) = match endpoint {
+            Endpoint::Session => self.mint_recorded(endpoint, headers, identity, ctx, Previous::Unknown).await?,
             Endpoint::Refresh => {
                 let token = refresh_token(&request).ok_or(GateError::BadRequest("Token required"))?;
-                self.previous(token, identity, ctx).await?
+                let previous = self.previous(token, identity, ctx).await?;
+                let key = (SecretHash::of(token), identity.id.clone());
+                let (flight, _entry) = {
+                    let mut map = self.refreshes.lock().map_err(|_| GateError::Internal)?;
+                    match map.get(&key) {
+                        Some(f) => (f.clone(), None),
+                        None => {
+                            let f = Arc::new(RefreshFlight::new());
+                            map.insert(key.clone(), f.clone());
+                            (f, Some(FlightEntry { map: &self.refreshes, key: Some(key) }))
+                        }
+                    }
+                };
+                let mut led = false;
+                let minted = flight
+                    .get_or_try_init(|| {
+                        led = true;
+                        self.mint_recorded(endpoint, headers, identity, ctx, previous)
+                    })
+                    .await?
+                    .clone();
+                if !led {
+                    tracing::info!(
+                        request_id = %ctx.request_id(),
+                        user_id = %identity.id,
+                        "concurrent refresh with the same token: answered with the session it minted"
+                    );
+                }
+                minted
             }
         };
+        Ok(json_response(StatusCode::OK, &json!({ "client_secret": client_secret, "expires_at": expires_at })))
+    }
+
+    /// Mint, bind the new secret to its user, audit, and cancel the session it replaces.
+    async fn mint_recorded(
+        &self,
+        endpoint: Endpoint,
+        headers: &HeaderMap,
+        identity: &Identity,
+        ctx: &RequestContext,
+        previous: Previous,
+    ) -> Result<(String, i64), GateError> {
         let session = self.mint(endpoint, headers, identity, ctx).await?;
         let hash = SecretHash::of(&session.client_secret);
         let binding = Binding {
@@ -193,10 +254,7 @@ impl ChatKit {
         if let Previous::Own(old_hash, old) = previous {
             self.cancel_later(old_hash, old, ctx);
         }
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({ "client_secret": session.client_secret, "expires_at": session.expires_at }),
-        ))
+        Ok((session.client_secret, session.expires_at))
     }
 
     /// Resolve a refresh token: another user's is refused here (403, `TOKEN_MISMATCH`).

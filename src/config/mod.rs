@@ -122,6 +122,10 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// Upgrade protocols tunnelled to the app (lower-case tokens, never `h2c`).
+    pub upgrades: Vec<String>,
+    /// Forward client header names containing `_` (dropped by default, like nginx).
+    pub allow_underscore_headers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +155,8 @@ pub struct UpstreamSettings {
 #[derive(Debug, Clone)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
+    /// Connections served at once on the admin listener; more are refused (closed at once).
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -39,6 +39,9 @@ pub(super) struct RawServer {
     pub(super) idle_timeout: Option<String>,
     pub(super) max_connections: Option<usize>,
     pub(super) shutdown_grace: Option<String>,
+    pub(super) upgrades: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) allow_underscore_headers: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,6 +67,7 @@ pub(super) struct RawUpstream {
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct RawAdmin {
     pub(super) listen: Option<String>,
+    pub(super) max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

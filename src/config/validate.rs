@@ -87,6 +87,14 @@ pub(super) fn validate(raw: RawConfig, e: &mut Errors) -> Option<Config> {
             None => Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
         }
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9090))),
+        max_connections: match raw.admin.max_connections {
+            Some(0) => {
+                e.push("admin.max_connections", "must be at least 1");
+                1
+            }
+            Some(n) => n,
+            None => 64,
+        },
     };
     let auth = raw.auth.map(|a| validate_auth(a, upstream.as_ref().map(|u| &u.url), e));
     let rate_limit = raw.rate_limit.map(|r| validate_rate_limit(r, e));
@@ -163,6 +171,17 @@ pub(super) fn validate_server(raw: Option<RawServer>, e: &mut Errors) -> Option<
     if max_connections == 0 {
         e.push("server.max_connections", "must be at least 1");
     }
+    let mut upgrades = Vec::new();
+    for (i, u) in raw.upgrades.unwrap_or_else(|| vec!["websocket".into()]).iter().enumerate() {
+        let u = u.trim().to_ascii_lowercase();
+        if u == "h2c" {
+            e.push(format!("server.upgrades[{i}]"), "h2c is never tunnelled (it would bypass the gate)");
+        } else if u.is_empty() || !u.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!#$&'*+^`|".contains(&b)) {
+            e.push(format!("server.upgrades[{i}]"), format!("invalid protocol token {u:?}"));
+        } else {
+            upgrades.push(u);
+        }
+    }
     Some(ServerSettings {
         listen: listen?,
         redirect_listen,
@@ -179,6 +198,8 @@ pub(super) fn validate_server(raw: Option<RawServer>, e: &mut Errors) -> Option<
         idle_timeout: e.positive_duration("server.idle_timeout", raw.idle_timeout.as_deref(), Duration::from_secs(60)),
         max_connections: max_connections.max(1),
         shutdown_grace: e.duration("server.shutdown_grace", raw.shutdown_grace.as_deref(), Duration::from_secs(25)),
+        upgrades,
+        allow_underscore_headers: raw.allow_underscore_headers,
     })
 }
 
@@ -275,6 +296,11 @@ pub(super) fn validate_routes(
     for (i, r) in raw.into_iter().enumerate() {
         let key = format!("routes[{i}]");
         let path = match r.path {
+            // Routes match the normalised request path, so a route path must be normalised too.
+            Some(p) if p.starts_with('/') && crate::hygiene::normalize_path(&p).ok().as_deref() != Some(p.as_str()) => {
+                e.push(format!("{key}.path"), format!("must be a normalised path: no '.'/'..' segments, '//', '\\' or encoded separators (got {p:?})"));
+                continue;
+            }
             Some(p) if p.starts_with('/') => p,
             Some(p) => {
                 e.push(format!("{key}.path"), format!("must start with '/' (got {p:?})"));
