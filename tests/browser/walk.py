@@ -379,6 +379,10 @@ def walk_django(pw, gate_bin: str) -> None:
         r = b.fetch("/api/chatkit/session", "POST", {})
         check("django: POST /api/chatkit/session mints for the user", r["status"] == 200 and "ek_" in r["body"],
               str(r["status"]))
+        secret = json.loads(r["body"])["client_secret"]
+        r = b.fetch("/api/chatkit/refresh", "POST", {"currentClientSecret": secret})
+        check("django: ... and refreshes it", r["status"] == 200 and json.loads(r["body"])["client_secret"] != secret,
+              str(r["status"]))
         p.click("form[action='/accounts/logout/'] button")
         p.wait_for_url("**/accounts/login/")
         check("django: Sign out", b.cookie("sessionid") in (None, ""), path_of(p.url))
