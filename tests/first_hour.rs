@@ -211,3 +211,41 @@ fn check_prints_every_problem_with_its_key_type_errors_included() {
     assert!(stderr.contains("3 problem(s)"), "{stderr}");
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// The lines between `--8<-- [start:NAME]` and `--8<-- [end:NAME]` in `text`, without their
+/// common indentation.
+fn region(text: &str, name: &str, file: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let find = |tag: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(&format!("--8<-- [{tag}:{name}]")))
+            .unwrap_or_else(|| panic!("{file}: no --8<-- [{tag}:{name}] marker"))
+    };
+    let block = &lines[find("start") + 1..find("end")];
+    let indent = block.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min();
+    block.iter().map(|l| l.get(indent.unwrap_or(0)..).unwrap_or("")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn readme_snippets_are_the_files_the_browser_walks_run() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let mut checked = Vec::new();
+    let mut rest = readme.as_str();
+    while let Some(at) = rest.find("<!-- snippet: ") {
+        let after = &rest[at + "<!-- snippet: ".len()..];
+        let (target, after) = after.split_once(" -->").unwrap();
+        let (file, name) = target.split_once('#').unwrap();
+        let fence = after.find("```").unwrap();
+        assert!(after[..fence].trim().is_empty(), "{target}: the marker must be right above a code block");
+        let body = &after[fence..];
+        let body = &body[body.find('\n').unwrap() + 1..];
+        let end = body.find("\n```").unwrap();
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        assert_eq!(body[..end], region(&text, name, file), "README snippet {target} differs from the file");
+        checked.push(target.to_string());
+        rest = &body[end..];
+    }
+    assert!(checked.len() >= 8, "README snippets checked: {checked:?}");
+}
