@@ -59,10 +59,7 @@ struct Setup {
 async fn start(auth: &str) -> Setup {
     let app = FakeApp::start().await;
     let idp = SlidingSession::start().await;
-    let rest = format!(
-        "[auth]\nintrospection_url = \"{}\"\n{auth}\n{ROUTES}\n[log]\nlevel = \"warn\"\n",
-        idp.url()
-    );
+    let rest = format!("[auth]\nintrospection_url = \"{}\"\n{auth}\n{ROUTES}\n[log]\nlevel = \"warn\"\n", idp.url());
     let gate = GateBuilder::new(&app.url()).rest(&rest).start().await;
     let http = gate.client();
     Setup { app, idp, gate, http }
@@ -151,13 +148,8 @@ async fn login_redirect_uses_the_frameworks_redirect_parameter() {
         ("login_url = \"/login\"", "/login?rd=%2Fdashboard%3Ftab%3D2"),
     ] {
         let s = start(auth).await;
-        let resp = s
-            .http
-            .get(s.gate.url("/dashboard?tab=2"))
-            .header("sec-fetch-mode", "navigate")
-            .send()
-            .await
-            .unwrap();
+        let resp =
+            s.http.get(s.gate.url("/dashboard?tab=2")).header("sec-fetch-mode", "navigate").send().await.unwrap();
         assert_eq!(resp.status(), 302, "{auth}");
         assert_eq!(resp.headers()["location"], want, "{auth}");
         assert_eq!(s.app.count(), 0, "{auth}: nothing reached the app");

@@ -103,7 +103,8 @@ pub(crate) fn relayable(configured: &[String], forwarded: Option<&HeaderValue>, 
 /// changes it (a rotated session, chunks added or removed); `None` when nothing changes or no
 /// cookie would be left.
 pub(crate) fn rotated(forwarded: Option<&HeaderValue>, relayed: &[HeaderValue]) -> Option<Vec<u8>> {
-    let mut list: Vec<Vec<u8>> = forwarded.map(|c| pairs(c.as_bytes()).map(<[u8]>::to_vec).collect()).unwrap_or_default();
+    let mut list: Vec<Vec<u8>> =
+        forwarded.map(|c| pairs(c.as_bytes()).map(<[u8]>::to_vec).collect()).unwrap_or_default();
     let mut changed = false;
     for sc in relayed.iter().filter_map(parse_set_cookie) {
         let at = list.iter().position(|p| pair_name(p) == sc.name);

@@ -613,12 +613,18 @@ mod tests {
         assert_eq!(a.cookies, ["__Secure-authjs.session-token", "authjs.session-token"]);
         let a = settings("preset = \"django\"");
         assert_eq!(a.introspection_url, "http://127.0.0.1:3000/auth/whoami/");
-        assert_eq!((a.cookies.as_slice(), a.login_url.as_str()), (&["sessionid".to_string()][..], "/accounts/login/?next={rd}"));
+        assert_eq!(
+            (a.cookies.as_slice(), a.login_url.as_str()),
+            (&["sessionid".to_string()][..], "/accounts/login/?next={rd}")
+        );
         assert!(a.respect_cache_control);
         let a = settings(
             "preset = \"nextauth\"\nintrospection_url = \"http://127.0.0.1:4000/s\"\ncookies = []\nlogin_url = \"/login\"\nrespect_cache_control = true",
         );
-        assert_eq!((a.introspection_url.to_string().as_str(), a.login_url.as_str()), ("http://127.0.0.1:4000/s", "/login"));
+        assert_eq!(
+            (a.introspection_url.to_string().as_str(), a.login_url.as_str()),
+            ("http://127.0.0.1:4000/s", "/login")
+        );
         assert!(a.cookies.is_empty() && a.respect_cache_control);
         let errs = config_errors("preset = \"rails\"");
         assert!(errs.iter().any(|e| e.starts_with("auth.preset: must be nextauth, authjs or django")), "{errs:?}");

@@ -603,7 +603,13 @@ mod tests {
             ],
         );
         let errs = errors(&MINIMAL.replace("listen = \"127.0.0.1:8443\"", "listen = 8443\nmax_connections = \"many\""));
-        assert_eq!(errs, vec!["server.listen: expected a string, found integer 8443", "server.max_connections: expected an integer, found a string"]);
+        assert_eq!(
+            errs,
+            vec![
+                "server.listen: expected a string, found integer 8443",
+                "server.max_connections: expected an integer, found a string"
+            ]
+        );
     }
 
     #[test]

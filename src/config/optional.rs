@@ -333,7 +333,11 @@ pub(super) fn validate_auth(raw: RawAuth, upstream: Option<&Uri>, e: &mut Errors
         // The framework's endpoint on the app itself.
         (None, Some(p)) => upstream.and_then(|u| {
             let base = u.to_string();
-            e.http_url("auth.introspection_url", &format!("{}{}", base.trim_end_matches('/'), p.introspection_path), true)
+            e.http_url(
+                "auth.introspection_url",
+                &format!("{}{}", base.trim_end_matches('/'), p.introspection_path),
+                true,
+            )
         }),
         // An unknown preset is already reported.
         (None, None) if raw.preset.is_some() => None,
@@ -396,8 +400,7 @@ pub(super) fn validate_auth(raw: RawAuth, upstream: Option<&Uri>, e: &mut Errors
             e.push(format!("auth.cookies[{i}]"), format!("invalid cookie name {c:?}"));
         }
     }
-    let login_url =
-        raw.login_url.unwrap_or_else(|| preset.as_ref().map_or("/login", |p| p.login_url).to_string());
+    let login_url = raw.login_url.unwrap_or_else(|| preset.as_ref().map_or("/login", |p| p.login_url).to_string());
     if !login_url.starts_with('/')
         || login_url.starts_with("//")
         || login_url.starts_with("/\\")

@@ -58,7 +58,8 @@ impl SlidingSession {
                         let st = st.clone();
                         async move { Ok::<_, Infallible>(handle(&st, req)) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         });
