@@ -212,9 +212,9 @@ def npm_ready(app_dir: str) -> None:
     modules = os.path.join(app_dir, "node_modules", ".package-lock.json")
     lock = os.path.join(app_dir, "package-lock.json")
     if not os.path.exists(modules) or os.path.getmtime(modules) < os.path.getmtime(lock):
-        log("npm ci (examples/nextjs)")
-        cache = os.path.join(ROOT, "target", "npm-cache")
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error", "--cache", cache],
+        # npm's own cache (~/.npm) outlives a CI clone: later runs install from it.
+        log("npm ci --prefer-offline (examples/nextjs)")
+        subprocess.run(["npm", "ci", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error"],
                        cwd=app_dir, check=True)
     build_id = os.path.join(app_dir, ".next", "BUILD_ID")
     newest = max(os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(app_dir, "app"))
