@@ -16,6 +16,8 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum AuditKind {
+    /// One request on a ChatKit-server route: user, type, thread id and decision (never content).
+    ChatkitRequest,
     SessionCreated,
     SessionRefreshed,
     SessionFailed,
@@ -45,6 +47,11 @@ pub struct AuditEvent {
     /// The `x-request-id` of an OpenAI API answer, to correlate with OpenAI support.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_request_id: Option<String>,
+    /// ChatKit request `type` (a known type or `other`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chatkit_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
 }
 
 impl AuditEvent {
@@ -60,7 +67,15 @@ impl AuditEvent {
             route: None,
             policy: None,
             api_request_id: None,
+            chatkit_type: None,
+            thread_id: None,
         }
+    }
+
+    pub fn chatkit(mut self, kind: &'static str, thread_id: Option<&str>) -> Self {
+        self.chatkit_type = Some(kind);
+        self.thread_id = thread_id.map(str::to_string);
+        self
     }
 
     pub fn user(mut self, user_id: Option<&str>) -> Self {

@@ -39,6 +39,9 @@ pub enum CliLogFormat {
     Text,
 }
 
+/// Log lines queued for the writer thread before further lines are dropped (and counted).
+pub const LOG_BUFFER_LINES: usize = 4096;
+
 /// Set up the global tracing subscriber: stdout, written by a background thread so a slow
 /// log consumer never blocks request handling. Keep the guard until exit (it flushes).
 pub fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
@@ -51,7 +54,7 @@ pub fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blo
     // (chatkit_gate_log_lines_dropped_total) instead of blocking a worker thread mid-request.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
-        .buffered_lines_limit(64 * 1024)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("log-writer")
         .finish(std::io::stdout());
     let _ = crate::metrics::LOG_LINES_DROPPED.set(writer.error_counter());

@@ -55,6 +55,9 @@ pub enum GateError {
     UpstreamTimeout,
     #[error("internal error")]
     Internal,
+    /// A rule of a ChatKit-server route refused the request (400, 403, 413 or 415).
+    #[error("refused: {1}")]
+    Refused(StatusCode, &'static str),
 }
 
 impl GateError {
@@ -76,6 +79,7 @@ impl GateError {
             GateError::ChatKitUnavailable | GateError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             GateError::ChatKitTimeout | GateError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GateError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            GateError::Refused(status, _) => *status,
         }
     }
 
@@ -100,6 +104,7 @@ impl GateError {
             GateError::UpstreamUnavailable => "Upstream unavailable".into(),
             GateError::UpstreamTimeout => "Upstream timed out".into(),
             GateError::Internal => "Internal error".into(),
+            GateError::Refused(_, m) => (*m).to_string(),
         }
     }
 
@@ -200,6 +205,11 @@ mod tests {
             (GateError::UpstreamUnavailable, 502, r#"{"error":"Upstream unavailable"}"#),
             (GateError::UpstreamTimeout, 504, r#"{"error":"Upstream timed out"}"#),
             (GateError::Internal, 500, r#"{"error":"Internal error"}"#),
+            (
+                GateError::Refused(StatusCode::PAYLOAD_TOO_LARGE, "Message too long"),
+                413,
+                r#"{"error":"Message too long"}"#,
+            ),
         ];
         for (err, status, body) in cases {
             let (s, _, b) = body_of(err).await;

@@ -188,11 +188,8 @@ fn valid_host(h: &[u8]) -> bool {
 
 /// The host part, lower-cased, without port or trailing dot (for `server.hosts`).
 fn host_name(h: &str) -> String {
-    let name = if h.starts_with('[') {
-        h.find(']').map_or(h, |i| &h[..=i])
-    } else {
-        h.rsplit_once(':').map_or(h, |(n, _)| n)
-    };
+    let name =
+        if h.starts_with('[') { h.find(']').map_or(h, |i| &h[..=i]) } else { h.rsplit_once(':').map_or(h, |(n, _)| n) };
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
@@ -200,7 +197,12 @@ fn host_name(h: &str) -> String {
 /// `Host` or an HTTP/2 `host` contradicting `:authority`; `421` for a host not in `hosts`.
 /// In absolute form (`GET http://h/ HTTP/1.1`) the target's host wins over `Host` (RFC 9112
 /// §3.2.2); the app then receives that host.
-pub fn request_host(version: Version, uri: &Uri, headers: &HeaderMap, hosts: &[String]) -> Result<HeaderValue, GateError> {
+pub fn request_host(
+    version: Version,
+    uri: &Uri,
+    headers: &HeaderMap,
+    hosts: &[String],
+) -> Result<HeaderValue, GateError> {
     let bad = GateError::BadRequest("Bad request");
     let mut host_headers = headers.get_all(HOST).iter();
     let host_header = host_headers.next();
@@ -293,7 +295,12 @@ fn upgrade_protocol(v: &HeaderValue) -> Option<String> {
 /// as `-`), client-IP overrides from untrusted peers, and underscore names unless allowed. HTTP/2
 /// cookie crumbs are joined into one `Cookie` (RFC 9113 §8.2.3). An `Upgrade` survives only
 /// for an allowed protocol on HTTP/1.1 (`Connection: upgrade` is then re-added).
-pub fn clean_request_headers(headers: &mut HeaderMap, version: Version, peer_trusted: bool, rules: &HeaderRules) -> Cleaned {
+pub fn clean_request_headers(
+    headers: &mut HeaderMap,
+    version: Version,
+    peer_trusted: bool,
+    rules: &HeaderRules,
+) -> Cleaned {
     let mut cleaned = Cleaned::default();
     let mut connection_upgrade = false;
     let mut named: Vec<HeaderName> = Vec::new();
@@ -344,7 +351,8 @@ pub fn clean_request_headers(headers: &mut HeaderMap, version: Version, peer_tru
             named.push(name.clone());
         }
     }
-    for name in [&CONNECTION, &KEEP_ALIVE, &PROXY_CONNECTION, &PROXY_AUTHORIZATION, &TE, &TRAILER, &TRANSFER_ENCODING, &UPGRADE]
+    for name in
+        [&CONNECTION, &KEEP_ALIVE, &PROXY_CONNECTION, &PROXY_AUTHORIZATION, &TE, &TRAILER, &TRANSFER_ENCODING, &UPGRADE]
     {
         headers.remove(name);
     }
@@ -473,7 +481,11 @@ mod tests {
 
     #[test]
     fn only_allowed_upgrades_survive() {
-        let rules = HeaderRules { identity_prefix: "x-auth-request-".into(), allow_underscore: false, upgrades: vec!["websocket".into()] };
+        let rules = HeaderRules {
+            identity_prefix: "x-auth-request-".into(),
+            allow_underscore: false,
+            upgrades: vec!["websocket".into()],
+        };
         for (asked, kept) in [("websocket", true), ("WebSocket", true), ("h2c", false), ("tls/1.2", false)] {
             let mut h = HeaderMap::new();
             h.insert("connection", HeaderValue::from_static("Upgrade"));

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod chatkit;
+pub mod chatkit_server;
 pub mod cli;
 pub mod client;
 pub mod client_io;

@@ -9,6 +9,9 @@ use prometheus::{
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// Stream lengths in seconds: from a short JSON answer to a long model run.
+const STREAM_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
+
 /// Every metric the gate exports. Cheap to clone (all handles are `Arc`s inside).
 #[derive(Clone)]
 pub struct Metrics {
@@ -35,6 +38,8 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     pub admin_connections_refused: IntCounter,
     pub build_info: GaugeVec,
+    pub stream_duration: HistogramVec,
+    pub chatkit_requests: IntCounterVec,
 }
 
 /// Log lines the non-blocking writer dropped (its queue was full: stdout stalled). Set once by
@@ -115,7 +120,7 @@ impl Metrics {
             http_request_duration: histogram_vec(
                 &r,
                 "chatkit_gate_http_request_duration_seconds",
-                "Time from request to response headers, by route.",
+                "Time from request to the end of the response body (streams included), by route.",
                 &["route"],
             )?,
             http_in_flight: reg(
@@ -223,6 +228,23 @@ impl Metrics {
             build_info: reg(
                 &r,
                 GaugeVec::new(Opts::new("chatkit_gate_build_info", "Build information; always 1."), &["version"])?,
+            )?,
+            stream_duration: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "chatkit_gate_stream_duration_seconds",
+                        "Time from response headers to the end of a streamed response body, by route and outcome (complete, client_aborted, upstream_error).",
+                    )
+                    .buckets(STREAM_BUCKETS.to_vec()),
+                    &["route", "outcome"],
+                )?,
+            )?,
+            chatkit_requests: counter_vec(
+                &r,
+                "chatkit_gate_chatkit_requests_total",
+                "Requests on ChatKit-server routes by route, request type (known types, or other) and decision.",
+                &["route", "type", "decision"],
             )?,
             registry: r,
         };

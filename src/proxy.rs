@@ -15,9 +15,11 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::Audit;
 use crate::auth::{AuthResult, Authenticator};
-use crate::body::GateBody;
+use crate::body::{BodyEnd, GateBody};
 use crate::chatkit::ChatKit;
+use crate::chatkit_server::ChatKitServers;
 use crate::config::{Config, ServerSettings};
 use crate::context::RequestContext;
 use crate::error::GateError;
@@ -26,8 +28,8 @@ use crate::hygiene::{self, Cleaned, HeaderRules};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::routes::{RouteKind, RouteTable};
-use crate::upstream::{self, Forwarded, Upstream, X_FORWARDED_PROTO, X_REQUEST_ID};
 use crate::tunnel;
+use crate::upstream::{self, Forwarded, Upstream, X_FORWARDED_PROTO, X_REQUEST_ID};
 
 /// Identity headers are stripped with this prefix when `[auth]` is absent.
 const DEFAULT_PREFIX: &str = "x-auth-request-";
@@ -104,18 +106,89 @@ impl ConnActivity {
 
 const NOT_WAITING: u64 = u64::MAX;
 
-/// Lives as long as a response (its body included): in-flight accounting.
-struct InFlight {
-    metrics: Metrics,
+/// Lives as long as a request and its response body: in-flight accounting, then, when the body
+/// ends, fails or is dropped, the access-log line and the request metrics (pingora's logging
+/// phase). Dropped before any response (the client left while the gate waited): status 499.
+struct Observer {
+    gateway: Arc<Gateway>,
     conn: Arc<ConnActivity>,
-    clock: Arc<Clock>,
+    /// `None`: the plain-HTTP answer (`https_redirect`).
+    route: Option<usize>,
+    method: Method,
+    /// `None` until there is a response.
+    status: Option<StatusCode>,
+    request_id: HeaderValue,
+    client_ip: std::net::IpAddr,
+    error: Option<GateError>,
+    started: Instant,
+    headers_at: Option<Instant>,
+    streamed: bool,
+    done: bool,
+    /// Refused by admission (path, Host, method, header size): route label `rejected`.
+    rejected: bool,
 }
 
-impl Drop for InFlight {
+impl Observer {
+    fn route_name(&self) -> &str {
+        match self.route {
+            Some(i) => self.gateway.routes.all()[i].name.as_str(),
+            None if self.rejected => "rejected",
+            None => "https_redirect",
+        }
+    }
+}
+
+impl crate::body::BodyGuard for Observer {
+    fn finished(&mut self, end: BodyEnd) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let m = &self.gateway.metrics;
+        let route = self.route_name();
+        let status = self.status.map_or(499, |s| s.as_u16());
+        let elapsed = self.started.elapsed();
+        let status_label = match &self.status {
+            Some(s) => s.as_str(),
+            None => "499",
+        };
+        m.http_requests.with_label_values(&[route, method_label(&self.method), status_label]).inc();
+        m.http_request_duration.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+        let stream_ms = match (self.streamed, self.headers_at) {
+            (true, Some(at)) => {
+                let d = at.elapsed();
+                m.stream_duration.with_label_values(&[route, end.as_str()]).observe(d.as_secs_f64());
+                Some(d.as_micros() as f64 / 1000.0)
+            }
+            _ => None,
+        };
+        let rid = self.request_id.to_str().unwrap_or("-");
+        let duration_ms = elapsed.as_micros() as f64 / 1000.0;
+        let (method, client_ip, outcome) = (&self.method, self.client_ip, end.as_str());
+        match &self.error {
+            Some(e) if status >= 500 || self.rejected => tracing::warn!(
+                method = %method, route, status, duration_ms, stream_ms, outcome,
+                request_id = rid, client_ip = %client_ip, error = %e, "request"
+            ),
+            _ if end == BodyEnd::UpstreamError => tracing::warn!(
+                method = %method, route, status, duration_ms, stream_ms, outcome,
+                request_id = rid, client_ip = %client_ip, "request"
+            ),
+            _ => tracing::info!(
+                method = %method, route, status, duration_ms, stream_ms, outcome,
+                request_id = rid, client_ip = %client_ip, "request"
+            ),
+        }
+    }
+}
+
+impl Drop for Observer {
     fn drop(&mut self) {
-        self.metrics.http_in_flight.dec();
+        if !self.done {
+            crate::body::BodyGuard::finished(self, BodyEnd::ClientAborted);
+        }
+        self.gateway.metrics.http_in_flight.dec();
         if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.conn.touch(self.clock.now_ms());
+            self.conn.touch(self.gateway.clock.now_ms());
         }
     }
 }
@@ -148,6 +221,7 @@ pub struct Gateway {
     auth: Option<Authenticator>,
     limiter: Option<RateLimiter>,
     chatkit: Option<ChatKit>,
+    chatkit_servers: ChatKitServers,
     hsts: Option<HeaderValue>,
     header_rules: HeaderRules,
     pub(crate) metrics: Metrics,
@@ -164,8 +238,11 @@ impl Gateway {
         limiter: Option<RateLimiter>,
         chatkit: Option<ChatKit>,
         routes: RouteTable,
+        audit: Audit,
     ) -> anyhow::Result<Gateway> {
+        let chatkit_servers = ChatKitServers::new(config, &routes, limiter.as_ref(), metrics.clone(), audit)?;
         Ok(Gateway {
+            chatkit_servers,
             server: config.server.clone(),
             routes,
             upstream: Upstream::new(&config.upstream, metrics.clone())?,
@@ -210,7 +287,6 @@ impl Gateway {
         self.metrics.http_in_flight.inc();
         conn.in_flight.fetch_add(1, Ordering::AcqRel);
         conn.request_started(req.version());
-        let guard = InFlight { metrics: self.metrics.clone(), conn, clock: self.clock.clone() };
 
         let peer_trusted = upstream::peer_is_trusted(peer, &self.server.trusted_proxies);
         let https = tls
@@ -218,50 +294,56 @@ impl Gateway {
                 && req.headers().get(&X_FORWARDED_PROTO).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")));
         let request_id = upstream::request_id(req.headers());
         let client_ip = upstream::client_ip(peer, req.headers(), &self.server.trusted_proxies);
-        let method = req.method().clone();
+        let mut observer = Observer {
+            gateway: self.clone(),
+            conn,
+            route: None,
+            method: req.method().clone(),
+            status: None,
+            request_id: request_id.clone(),
+            client_ip,
+            error: None,
+            started,
+            headers_at: None,
+            streamed: false,
+            done: false,
+            rejected: false,
+        };
 
         let mut req = req;
-        let (route_name, mut resp, error) = if !https {
-            let resp = https::plain_http_answer(req.method(), req.uri(), req.headers(), &self.server);
-            ("https_redirect", resp, None)
+        let mut resp = if !https {
+            https::plain_http_answer(req.method(), req.uri(), req.headers(), &self.server)
         } else {
             match self.admit(&mut req, peer_trusted) {
                 Ok(admitted) => {
                     let route = self.routes.find(req.uri().path()).clone();
-                    let index = route.index;
+                    observer.route = Some(route.index);
                     let ctx = RequestContext { request_id: request_id.clone(), client_ip, route, https };
-                    let (resp, error) = self.handle(req, &ctx, peer, admitted, &guard.conn).await;
-                    (self.routes.all()[index].name.as_str(), resp, error)
+                    let conn = observer.conn.clone();
+                    let (resp, error) = self.handle(req, &ctx, peer, admitted, &conn).await;
+                    observer.error = error;
+                    resp
                 }
                 Err(e) => {
                     drain_unread(req.into_body());
-                    ("rejected", e.to_response(), Some(e))
+                    observer.rejected = true;
+                    let resp = e.to_response();
+                    observer.error = Some(e);
+                    resp
                 }
             }
         };
 
-        let status = resp.status();
         let headers = resp.headers_mut();
-        headers.insert(&X_REQUEST_ID, request_id.clone());
+        headers.insert(&X_REQUEST_ID, request_id);
         if https {
             https::add_hsts(headers, self.hsts.as_ref());
         }
-        let elapsed = started.elapsed();
-        self.metrics.http_requests.with_label_values(&[route_name, method_label(&method), status.as_str()]).inc();
-        self.metrics.http_request_duration.with_label_values(&[route_name]).observe(elapsed.as_secs_f64());
-        let rid = request_id.to_str().unwrap_or("-");
-        match error {
-            Some(e) if status.is_server_error() || route_name == "rejected" => tracing::warn!(
-                method = %method, route = route_name, status = status.as_u16(), duration_ms = elapsed.as_micros() as f64 / 1000.0,
-                request_id = rid, client_ip = %client_ip, error = %e, "request"
-            ),
-            _ => tracing::info!(
-                method = %method, route = route_name, status = status.as_u16(), duration_ms = elapsed.as_micros() as f64 / 1000.0,
-                request_id = rid, client_ip = %client_ip, "request"
-            ),
-        }
+        observer.status = Some(resp.status());
+        observer.headers_at = Some(Instant::now());
+        observer.streamed = resp.body().is_streamed();
         let (parts, body) = resp.into_parts();
-        Ok(Response::from_parts(parts, body.with_guard(Box::new(guard))))
+        Ok(Response::from_parts(parts, body.with_guard(Box::new(observer))))
     }
 
     /// The phases, in order. Returns the answer and the error it came from, if any (for the log).
@@ -286,12 +368,21 @@ impl Gateway {
         if matches!(ctx.route.kind, RouteKind::ChatKit(_)) && parts.method != Method::POST {
             return early(GateError::MethodNotAllowed, body);
         }
-        let limits = match &self.limiter {
+        let mut limits = match &self.limiter {
+            // Checked with the request type's policies, once the body is read (one round trip).
+            _ if ctx.route.kind == RouteKind::ChatKitServer => None,
             Some(l) => match l.check(&ctx.route, auth.identity.as_deref(), ctx).await {
                 Ok(h) => h,
                 Err(e) => return early(e, body),
             },
             None => None,
+        };
+        let f = Forwarded {
+            peer,
+            https: ctx.https,
+            request_id: &ctx.request_id,
+            host: &admitted.host,
+            prior_forwarded_for: admitted.cleaned.prior_forwarded_for.as_deref(),
         };
         let result = match ctx.route.kind {
             RouteKind::ChatKit(endpoint) => match (&self.chatkit, auth.identity.clone()) {
@@ -299,15 +390,23 @@ impl Gateway {
                 (Some(ck), Some(identity)) => Box::pin(ck.handle(endpoint, parts, body, identity, ctx)).await,
                 _ => Err(GateError::Unauthorized),
             },
-            RouteKind::Proxy => {
-                let f = Forwarded {
-                    peer,
-                    https: ctx.https,
-                    request_id: &ctx.request_id,
-                    host: &admitted.host,
-                    prior_forwarded_for: admitted.cleaned.prior_forwarded_for.as_deref(),
-                };
-                self.forward(parts, body, &f, admitted.cleaned.upgrade, conn).await
+            RouteKind::Proxy => self.forward(parts, GateBody::incoming(body), &f, admitted.cleaned.upgrade, conn).await,
+            RouteKind::ChatKitServer => {
+                let identity = auth.identity.as_deref();
+                match Box::pin(self.chatkit_servers.admit(parts, body, identity, ctx, self.limiter.as_ref())).await {
+                    Ok(a) => {
+                        limits = a.limits;
+                        // ChatKit requests are POSTs: never an upgrade.
+                        self.forward(a.parts, a.body, &f, None, conn).await.map(|r| match a.guard {
+                            Some(guard) => r.map(|b| b.with_guard(guard)),
+                            None => r,
+                        })
+                    }
+                    Err((resp, e)) => match e {
+                        Some(e) => Err(e),
+                        None => Ok(resp),
+                    },
+                }
             }
         };
         let (mut resp, error) = match result {
@@ -353,7 +452,7 @@ impl Gateway {
     async fn forward(
         &self,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: GateBody,
         f: &Forwarded<'_>,
         asked: Option<HeaderValue>,
         conn: &Arc<ConnActivity>,
@@ -362,7 +461,7 @@ impl Gateway {
         upstream::set_forwarding_headers(&mut parts.headers, f);
         parts.uri = self.upstream.uri_for(parts.uri.path_and_query())?;
         parts.version = http::Version::HTTP_11;
-        let req = Request::from_parts(parts, GateBody::incoming(body));
+        let req = Request::from_parts(parts, body);
 
         let mut resp = self.upstream.send(req).await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -13,6 +13,9 @@ pub enum RouteKind {
     Proxy,
     /// Answered by the gate itself.
     ChatKit(Endpoint),
+    /// Forward to a self-hosted ChatKit server, after reading and checking the request
+    /// (`[routes.chatkit_server]`, see `chatkit_server`).
+    ChatKitServer,
 }
 
 /// One compiled route.
@@ -66,7 +69,7 @@ impl RouteTable {
                 auth: r.auth,
                 unauthenticated: r.unauthenticated,
                 rate_limit: r.rate_limit.clone(),
-                kind: RouteKind::Proxy,
+                kind: if r.chatkit_server.is_some() { RouteKind::ChatKitServer } else { RouteKind::Proxy },
             });
         }
         routes.push(Route {

@@ -20,9 +20,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, Readiness};
 use crate::audit::{Audit, AuditSink};
-use crate::client_io::ClientIo;
 use crate::auth::Authenticator;
 use crate::chatkit::ChatKit;
+use crate::client_io::ClientIo;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnActivity, Gateway};
@@ -92,7 +92,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         }
         None => None,
     };
-    let gateway = Arc::new(Gateway::new(&config, metrics.clone(), auth, limiter, chatkit, routes)?);
+    let gateway = Arc::new(Gateway::new(&config, metrics.clone(), auth, limiter, chatkit, routes, audit.clone())?);
     let readiness = Arc::new(Readiness::default());
     let admin = Arc::new(Admin { readiness: readiness.clone(), metrics: metrics.clone(), gateway: gateway.clone() });
 
@@ -203,7 +203,7 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
 /// The header-list size hyper's HTTP/2 side accepts: well above `max_header_bytes`, which the
 /// gate enforces itself with a 431.
 fn h2_header_list_limit(max_header_bytes: usize) -> u32 {
-    u32::try_from(max_header_bytes.saturating_mul(4).max(128 * 1024)).unwrap_or(u32::MAX)
+    u32::try_from(max_header_bytes.saturating_mul(8).max(256 * 1024)).unwrap_or(u32::MAX)
 }
 
 struct ConnCtx {
@@ -299,7 +299,8 @@ where
     tokio::pin!(conn);
     let idle_ms = ctx.idle_timeout.as_millis() as u64;
     let head_ms = ctx.header_timeout.as_millis() as u64;
-    let period = (ctx.idle_timeout.min(ctx.header_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let period =
+        (ctx.idle_timeout.min(ctx.header_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;

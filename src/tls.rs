@@ -114,12 +114,8 @@ pub fn start(settings: &TlsSettings, metrics: &Metrics) -> Result<watch::Receive
         TlsSource::SelfSigned => (self_signed()?, [0; 32]),
         TlsSource::Files { cert_file, key_file } => {
             let (cert, key) = (read(cert_file)?, read(key_file)?);
-            let loaded = server_config_from_pem(
-                &cert,
-                &key,
-                &cert_file.display().to_string(),
-                &key_file.display().to_string(),
-            )?;
+            let loaded =
+                server_config_from_pem(&cert, &key, &cert_file.display().to_string(), &key_file.display().to_string())?;
             (loaded, digest(&cert, &key))
         }
     };

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -163,21 +163,8 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_str(&format!("{id:032x}")).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// Does this request ask to switch protocols (WebSocket and friends)?
-pub fn wants_upgrade(headers: &HeaderMap, version: Version) -> bool {
-    version == Version::HTTP_11 && headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`, from an
+/// answer of the app (requests go through [`crate::hygiene::clean_request_headers`]).
 /// With `upgrade`, `Connection: upgrade` and `Upgrade` survive (the tunnel needs them).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // A message framed by Transfer-Encoding ignores Content-Length (RFC 9112 §6.3); forwarding
@@ -302,7 +289,6 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(wants_upgrade(&h, Version::HTTP_11));
         remove_hop_by_hop(&mut h, true);
         assert_eq!(h[UPGRADE], "websocket");
         assert_eq!(h[CONNECTION], "upgrade");

@@ -564,3 +564,40 @@ async fn the_binarys_whole_output_holds_no_secret() {
         assert!(!logs.contains(&needle), "leaked {needle:?} in:\n{logs}");
     }
 }
+
+#[tokio::test]
+async fn wrong_methods_are_refused_before_they_use_rate_limit_quota() {
+    // The chatkit policy admits 5 a minute: ten GETs must leave all five for real mints.
+    let w = World::new(Store::Memory).await;
+    let gate = w.gate_n(0, "rate_limit = [\"chatkit\"]").await;
+    for _ in 0..10 {
+        let a = w.send(&gate, reqwest::Method::GET, "/api/chatkit/session", Some(ALICE_COOKIE), None, &[]).await;
+        assert_eq!(a.status, 405, "{}", a.raw);
+    }
+    for i in 0..5 {
+        let a = w.post(&gate, "/api/chatkit/session", Some(ALICE_COOKIE), None).await;
+        assert_eq!(a.status, 200, "mint {i} after the GETs: {}", a.raw);
+    }
+    assert_eq!(w.post(&gate, "/api/chatkit/session", Some(ALICE_COOKIE), None).await.status, 429);
+    w.assert_no_leaks(&[&gate]).await;
+}
+
+#[tokio::test]
+async fn concurrent_refreshes_with_one_token_mint_once() {
+    let w = World::new(Store::Memory).await;
+    let gate = w.gate().await;
+    let secret = w.mint(&gate, ALICE_COOKIE).await;
+    assert_eq!(w.api.create_count(), 1);
+    // Slow the API down so the two refreshes overlap for certain.
+    w.api.set_mode(common::fake_openai::Mode::Delay(Duration::from_millis(300)));
+    let body = format!(r#"{{"token":"{secret}"}}"#);
+    let (a, b) = tokio::join!(w.refresh(&gate, ALICE_COOKIE, &body), w.refresh(&gate, ALICE_COOKIE, &body));
+    assert_eq!((a.status, b.status), (200, 200), "{} / {}", a.raw, b.raw);
+    assert_eq!(a.body["client_secret"], b.body["client_secret"], "both got the one new session");
+    assert_eq!(w.api.create_count(), 2, "one mint for the first session, one for both refreshes");
+    common::eventually("the old session cancelled once", || w.api.cancelled_ids().len() == 1).await;
+    // Bob cannot join Alice's refresh: his is refused as before.
+    let c = w.refresh(&gate, BOB_COOKIE, &body).await;
+    assert_eq!(c.status, 403, "{}", c.raw);
+    w.assert_no_leaks(&[&gate]).await;
+}

@@ -14,10 +14,12 @@ use http::{HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+mod chatkit_server;
 mod optional;
 mod raw;
 mod validate;
 
+pub use chatkit_server::{CHATKIT_TYPES, ChatKitServerSettings, LimitResponse, ModelRule, STREAMING_TYPES};
 use raw::RawConfig;
 use validate::{Errors, validate};
 
@@ -208,6 +210,8 @@ pub struct RouteSettings {
     pub unauthenticated: Unauthenticated,
     /// Policy names; each exists in `rate_limit.policies`.
     pub rate_limit: Vec<String>,
+    /// Set for a route in front of a self-hosted ChatKit server (`[routes.chatkit_server]`).
+    pub chatkit_server: Option<ChatKitServerSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -101,6 +101,7 @@ pub(super) struct RawRoute {
     pub(super) unauthenticated: Option<String>,
     #[serde(default)]
     pub(super) rate_limit: Vec<String>,
+    pub(super) chatkit_server: Option<super::chatkit_server::RawChatKitServer>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -124,6 +124,22 @@ pub(super) fn validate(raw: RawConfig, e: &mut Errors) -> Option<Config> {
             }
         }
     }
+    for (i, route) in routes.iter().enumerate() {
+        if route.chatkit_server.as_ref().is_some_and(|c| c.thread_ownership) && auth.is_none() {
+            e.push(
+                format!("routes[{i}].chatkit_server.thread_ownership"),
+                "needs an [auth] section (owners are users)",
+            );
+        }
+        if let Some(rule) = route.chatkit_server.as_ref().and_then(|c| c.models.as_ref())
+            && !auth.as_ref().is_some_and(|a| a.claims.iter().any(|(name, _)| *name == rule.claim))
+        {
+            e.push(
+                format!("routes[{i}].chatkit_server.models.claim"),
+                format!("claim {:?} is not defined in auth.claims", rule.claim),
+            );
+        }
+    }
     if chatkit.is_some() && auth.is_none() {
         e.push("chatkit", "requires [auth]: sessions are minted for the signed-in user");
     }
@@ -298,7 +314,12 @@ pub(super) fn validate_routes(
         let path = match r.path {
             // Routes match the normalised request path, so a route path must be normalised too.
             Some(p) if p.starts_with('/') && crate::hygiene::normalize_path(&p).ok().as_deref() != Some(p.as_str()) => {
-                e.push(format!("{key}.path"), format!("must be a normalised path: no '.'/'..' segments, '//', '\\' or encoded separators (got {p:?})"));
+                e.push(
+                    format!("{key}.path"),
+                    format!(
+                        "must be a normalised path: no '.'/'..' segments, '//', '\\' or encoded separators (got {p:?})"
+                    ),
+                );
                 continue;
             }
             Some(p) if p.starts_with('/') => p,
@@ -342,7 +363,10 @@ pub(super) fn validate_routes(
         if routes.iter().any(|x| x.name == name) {
             e.push(format!("{key}.name"), format!("duplicate route name {name:?}"));
         }
-        routes.push(RouteSettings { name, path, auth, unauthenticated, rate_limit: r.rate_limit });
+        let chatkit_server = r.chatkit_server.map(|c| {
+            super::chatkit_server::validate_chatkit_server(&format!("{key}.chatkit_server"), c, rate_limit, e)
+        });
+        routes.push(RouteSettings { name, path, auth, unauthenticated, rate_limit: r.rate_limit, chatkit_server });
     }
     routes
 }

@@ -70,9 +70,27 @@ impl LocalStore {
         }
     }
 
-    pub fn check(&self, checks: &[Check<'_>]) -> Vec<Outcome> {
-        let now = i64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(i64::MAX);
-        self.check_at(checks, now)
+    /// `check`, and the time it decided at (what `release` needs to find a lease's entry).
+    pub fn check_timed(&self, checks: &[Check<'_>]) -> (Vec<Outcome>, i64) {
+        let now = self.now_us();
+        (self.check_at(checks, now), now)
+    }
+
+    fn now_us(&self) -> i64 {
+        i64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(i64::MAX)
+    }
+
+    /// Remove the sliding-log entry admitted at `admitted_us` (a concurrency lease ending).
+    /// Entries are in time order; an entry that already aged out (TTL) is not there any more.
+    pub fn release(&self, key: &str, admitted_us: i64) {
+        let tag_end = key.find('}').map_or(key.len(), |i| i + 1);
+        let shard = self.hasher.hash_one(&key[..tag_end]) as usize % SHARDS;
+        let mut shard = self.shards[shard].lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(Entry { state: State::Log(log), .. }) = shard.entries.get_mut(key)
+            && let Ok(i) = log.binary_search(&admitted_us)
+        {
+            log.remove(i);
+        }
     }
 
     /// `check` at a given time (microseconds since the store's epoch), so tests control time.

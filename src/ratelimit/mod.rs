@@ -76,6 +76,9 @@ pub(crate) struct Policy {
     key_suffix: String,
     /// `"<name>";q=<limit>;w=<window seconds>`.
     header_item: String,
+    /// A concurrency lease (a sliding log whose entries are removed when the stream ends; the
+    /// window is only the TTL safety net). Never in the deny cache or the `RateLimit` headers.
+    lease: bool,
 }
 
 impl Policy {
@@ -95,6 +98,85 @@ impl Policy {
             key: p.key,
             key_suffix: format!("}}:{}:{short}", p.name),
             header_item: format!("\"{}\";q={};w={}", p.name, p.limit, ceil_secs(p.window).max(1)),
+            lease: false,
+        }
+    }
+
+    /// At most `limit` held at once per user (or IP), each lease expiring after `ttl` at most.
+    fn lease(name: &str, limit: u32, ttl: Duration) -> Policy {
+        let window_us = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX).max(1);
+        Policy {
+            name: name.to_string(),
+            algo: Algo::SlidingWindow { limit: limit.max(1), window_us },
+            key: LimitKey::UserOrIp,
+            key_suffix: format!("}}:{name}:lease"),
+            header_item: String::new(),
+            lease: true,
+        }
+    }
+}
+
+/// When a client over a concurrency limit may try again: streams end at any time.
+const LEASE_RETRY: Duration = Duration::from_secs(1);
+
+/// Policies prepared once for one kind of request (a ChatKit-server route's request type):
+/// the route's and the type's policies, and optionally a concurrency lease.
+#[derive(Debug)]
+pub struct PreparedPlan {
+    plan: Plan,
+    lease: Option<Policy>,
+}
+
+/// A refused request: the answer, and whether a concurrency lease (not a quota) refused it.
+#[derive(Debug)]
+pub struct Denied {
+    pub error: GateError,
+    pub concurrency: bool,
+}
+
+impl Denied {
+    fn rate(error: GateError) -> Denied {
+        Denied { error, concurrency: false }
+    }
+}
+
+/// What an admitted request holds: the `RateLimit*` headers and, for a leased request, the
+/// lease (released when dropped: when the stream ends, fails or is abandoned).
+#[derive(Debug, Default)]
+pub struct Admission {
+    pub headers: Option<RateLimitHeaders>,
+    pub lease: Option<Lease>,
+}
+
+/// A held concurrency lease. Dropping it gives it back (Redis: in a spawned task; a lost
+/// release is covered by the lease TTL).
+pub struct Lease {
+    key: String,
+    held: Held,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("key", &self.key).finish()
+    }
+}
+
+enum Held {
+    Redis { limiter: Arc<RedisLimiter>, nonce: String },
+    Local { store: Arc<LocalStore>, admitted_us: i64 },
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let key = std::mem::take(&mut self.key);
+        match &self.held {
+            Held::Local { store, admitted_us } => store.release(&key, *admitted_us),
+            Held::Redis { limiter, nonce } => {
+                let (limiter, nonce) = (limiter.clone(), nonce.clone());
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move { limiter.release(&key, &nonce).await });
+                }
+            }
         }
     }
 }
@@ -139,7 +221,7 @@ struct Plan {
 enum Backend {
     /// No Redis configured: the in-process store is the store.
     Local,
-    Redis(RedisLimiter),
+    Redis(Arc<RedisLimiter>),
 }
 
 /// Where a decision came from, as the `source` metric label says it.
@@ -164,7 +246,7 @@ pub struct RateLimiter {
     plans: Vec<Option<Plan>>,
     backend: Backend,
     /// The embedded store, or the `on_store_error = "local"` fallback.
-    local: LocalStore,
+    local: Arc<LocalStore>,
     on_store_error: OnStoreError,
     cache: DenyCache,
     prefix: String,
@@ -203,7 +285,7 @@ impl RateLimiter {
         }
         let cluster = matches!(settings.store, RateLimitStore::Cluster { .. });
         let backend = match (store, &settings.store) {
-            (Some(store), _) => Backend::Redis(RedisLimiter::new(store, cluster)),
+            (Some(store), _) => Backend::Redis(Arc::new(RedisLimiter::new(store, cluster))),
             (None, RateLimitStore::Local) => Backend::Local,
             (None, _) => anyhow::bail!("rate_limit: a Redis store is configured but was not started"),
         };
@@ -229,7 +311,7 @@ impl RateLimiter {
             policies,
             plans,
             backend,
-            local: LocalStore::new(),
+            local: Arc::new(LocalStore::new()),
             on_store_error: settings.on_store_error,
             cache: DenyCache::new(),
             prefix: settings.key_prefix.clone(),
@@ -253,18 +335,61 @@ impl RateLimiter {
             return Ok(None);
         }
         let plan = self.plan(route)?;
-        let checks = self.checks(&plan.policies, identity, ctx.client_ip);
+        Ok(self.decide(route, &plan, None, identity, ctx).await.map_err(|d| d.error)?.headers)
+    }
 
-        if let Some((i, wait)) = self.cache.blocked(&checks, Instant::now()) {
+    /// Prepare `names` (deduplicated, in order) and an optional concurrency lease
+    /// (`(name, limit, ttl)`) for `check_prepared`. `Err` names an unknown policy.
+    pub fn prepare(&self, names: &[String], lease: Option<(&str, u32, Duration)>) -> anyhow::Result<PreparedPlan> {
+        let plan =
+            build_plan(&self.policies, names).map_err(|name| anyhow::anyhow!("unknown rate-limit policy {name:?}"))?;
+        Ok(PreparedPlan { plan, lease: lease.map(|(name, limit, ttl)| Policy::lease(name, limit, ttl)) })
+    }
+
+    /// Like `check`, for a prepared set of policies (and lease): all in one store round trip.
+    pub async fn check_prepared(
+        &self,
+        route: &Route,
+        prepared: &PreparedPlan,
+        identity: Option<&Identity>,
+        ctx: &RequestContext,
+    ) -> Result<Admission, Denied> {
+        if prepared.plan.policies.is_empty() && prepared.lease.is_none() {
+            return Ok(Admission::default());
+        }
+        self.decide(route, &prepared.plan, prepared.lease.as_ref(), identity, ctx).await
+    }
+
+    async fn decide(
+        &self,
+        route: &Route,
+        plan: &Plan,
+        lease: Option<&Policy>,
+        identity: Option<&Identity>,
+        ctx: &RequestContext,
+    ) -> Result<Admission, Denied> {
+        let mut checks = self.checks(&plan.policies, identity, ctx.client_ip);
+        let limited = checks.len();
+        if let Some(lease) = lease {
+            checks.push(self.check_for(lease, identity, ctx.client_ip));
+        }
+
+        if let Some((i, wait)) = self.cache.blocked(&checks[..limited], Instant::now()) {
             let policy = checks[i].policy;
             self.count(policy, "limited", "cache");
             let limit = header_value(&rate_limit_item(policy, &Outcome { allowed: false, remaining: 0, wait }));
-            return Err(too_many(wait, plan.policy_header.clone(), limit));
+            return Err(Denied::rate(too_many(wait, plan.policy_header.clone(), limit)));
         }
 
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        let mut local_now = 0;
         let (outcomes, source) = match &self.backend {
-            Backend::Local => (self.local.check(&checks), Source::Local),
-            Backend::Redis(redis) => match redis.check(&checks).await {
+            Backend::Local => {
+                let (outcomes, now) = self.local.check_timed(&checks);
+                local_now = now;
+                (outcomes, Source::Local)
+            }
+            Backend::Redis(redis) => match redis.check(&checks, &nonce).await {
                 Ok(outcomes) => {
                     self.store_answered();
                     (outcomes, Source::Redis)
@@ -272,14 +397,18 @@ impl RateLimiter {
                 Err(e) => {
                     self.store_failed(&e);
                     match self.on_store_error {
-                        OnStoreError::Local => (self.local.check(&checks), Source::Local),
+                        OnStoreError::Local => {
+                            let (outcomes, now) = self.local.check_timed(&checks);
+                            local_now = now;
+                            (outcomes, Source::Local)
+                        }
                         OnStoreError::Allow => {
                             checks.iter().for_each(|c| self.count(c.policy, "allowed", "store_error"));
-                            return Ok(None);
+                            return Ok(Admission::default());
                         }
                         OnStoreError::Deny => {
                             checks.iter().for_each(|c| self.count(c.policy, "denied", "store_error"));
-                            return Err(GateError::RateLimitUnavailable);
+                            return Err(Denied::rate(GateError::RateLimitUnavailable));
                         }
                     }
                 }
@@ -287,7 +416,7 @@ impl RateLimiter {
         };
 
         let mut limit = String::new();
-        for (c, o) in checks.iter().zip(&outcomes) {
+        for (c, o) in checks[..limited].iter().zip(&outcomes) {
             if !limit.is_empty() {
                 limit.push_str(", ");
             }
@@ -296,17 +425,30 @@ impl RateLimiter {
         let limit = header_value(&limit);
         if outcomes.iter().all(|o| o.allowed) {
             checks.iter().for_each(|c| self.count(c.policy, "allowed", source.label()));
-            return Ok(Some(RateLimitHeaders { policy: plan.policy_header.clone(), limit }));
+            let headers = (limited > 0).then(|| RateLimitHeaders { policy: plan.policy_header.clone(), limit });
+            let lease = (limited < checks.len()).then(|| {
+                let key = checks.swap_remove(limited).key;
+                let held = match (&self.backend, source) {
+                    (Backend::Redis(redis), Source::Redis) => Held::Redis { limiter: redis.clone(), nonce },
+                    _ => Held::Local { store: self.local.clone(), admitted_us: local_now },
+                };
+                Lease { key, held }
+            });
+            return Ok(Admission { headers, lease });
         }
 
-        // Rejected: wait for the slowest rejecting policy; remember every rejecting key.
+        // Rejected: wait for the slowest rejecting policy; remember every rejecting key (but a
+        // lease: a stream may end at any moment).
         let now = Instant::now();
         let mut binding: Option<(&Check<'_>, Duration)> = None;
         for (c, o) in checks.iter().zip(&outcomes).filter(|(_, o)| !o.allowed) {
             self.count(c.policy, "limited", source.label());
-            self.cache.insert(&c.key, now + o.wait);
-            if binding.is_none_or(|(_, w)| o.wait > w) {
-                binding = Some((c, o.wait));
+            let wait = if c.policy.lease { LEASE_RETRY } else { o.wait };
+            if !c.policy.lease {
+                self.cache.insert(&c.key, now + wait);
+            }
+            if binding.is_none_or(|(_, w)| wait > w) {
+                binding = Some((c, wait));
             }
         }
         let wait = binding.map(|(_, w)| w).unwrap_or_default();
@@ -328,7 +470,23 @@ impl RateLimiter {
                     .reason(format!("retry after {retry_after}s")),
             );
         }
-        Err(too_many(wait, plan.policy_header.clone(), limit))
+        Err(Denied {
+            error: too_many(wait, plan.policy_header.clone(), limit),
+            concurrency: binding.is_some_and(|(c, _)| c.policy.lease),
+        })
+    }
+
+    /// The Redis store decisions are kept in, if any (other per-user state may live beside them).
+    pub fn redis_store(&self) -> Option<RedisStore> {
+        match &self.backend {
+            Backend::Redis(r) => Some(r.store().clone()),
+            Backend::Local => None,
+        }
+    }
+
+    /// Start of every key this limiter writes.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// False when the store is down and `on_store_error = "deny"` (drives `/readyz`).
@@ -359,21 +517,24 @@ impl RateLimiter {
     fn checks<'a>(&'a self, policies: &[usize], identity: Option<&Identity>, ip: IpAddr) -> Vec<Check<'a>> {
         let user = identity.map(|i| user_subject(&i.id));
         let ip = ip_subject(ip);
-        policies
-            .iter()
-            .map(|&i| {
-                let policy = &self.policies[i];
-                let subject = match (policy.key, &user) {
-                    (LimitKey::User | LimitKey::UserOrIp, Some(user)) => user.as_str(),
-                    _ => ip.as_str(),
-                };
-                let mut key = String::with_capacity(self.prefix.len() + subject.len() + policy.key_suffix.len() + 6);
-                let _ = write!(key, "{}:rl:{{{subject}", self.prefix);
-                let tag_end = key.len() + 1;
-                key.push_str(&policy.key_suffix);
-                Check { policy, key, tag_end }
-            })
-            .collect()
+        policies.iter().map(|&i| self.key_for(&self.policies[i], user.as_deref(), &ip)).collect()
+    }
+
+    fn check_for<'a>(&self, policy: &'a Policy, identity: Option<&Identity>, ip: IpAddr) -> Check<'a> {
+        let user = identity.map(|i| user_subject(&i.id));
+        self.key_for(policy, user.as_deref(), &ip_subject(ip))
+    }
+
+    fn key_for<'a>(&self, policy: &'a Policy, user: Option<&str>, ip: &str) -> Check<'a> {
+        let subject = match (policy.key, user) {
+            (LimitKey::User | LimitKey::UserOrIp, Some(user)) => user,
+            _ => ip,
+        };
+        let mut key = String::with_capacity(self.prefix.len() + subject.len() + policy.key_suffix.len() + 6);
+        let _ = write!(key, "{}:rl:{{{subject}", self.prefix);
+        let tag_end = key.len() + 1;
+        key.push_str(&policy.key_suffix);
+        Check { policy, key, tag_end }
     }
 
     fn count(&self, policy: &Policy, decision: &str, source: &str) {

@@ -31,17 +31,20 @@ impl RedisLimiter {
         }
     }
 
+    pub fn store(&self) -> &RedisStore {
+        &self.store
+    }
+
     pub fn healthy(&self) -> bool {
         self.store.healthy()
     }
 
     /// One outcome per check, in order.
-    pub async fn check(&self, checks: &[Check<'_>]) -> Result<Vec<Outcome>, StoreError> {
-        let nonce = format!("{:016x}", rand::random::<u64>());
+    pub async fn check(&self, checks: &[Check<'_>], nonce: &str) -> Result<Vec<Outcome>, StoreError> {
         let first_tag = checks.first().map(Check::tag).unwrap_or_default();
         if !self.cluster || checks.iter().all(|c| c.tag() == first_tag) {
             let all: Vec<&Check<'_>> = checks.iter().collect();
-            return self.run(&all, &nonce).await;
+            return self.run(&all, nonce).await;
         }
 
         let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -52,7 +55,7 @@ impl RedisLimiter {
             }
         }
         let members: Vec<Vec<&Check<'_>>> = groups.iter().map(|g| g.iter().map(|&i| &checks[i]).collect()).collect();
-        let results = futures_util::future::join_all(members.iter().map(|m| self.run(m, &nonce))).await;
+        let results = futures_util::future::join_all(members.iter().map(|m| self.run(m, nonce))).await;
 
         let admitted = results.iter().all(|r| r.as_ref().is_ok_and(|o| o.iter().all(|o| o.allowed)));
         let mut outcomes = vec![Outcome { allowed: true, remaining: 0, wait: Duration::ZERO }; checks.len()];
@@ -62,7 +65,7 @@ impl RedisLimiter {
                 Ok(mut got) => {
                     let committed = got.iter().all(|o| o.allowed);
                     if committed && !admitted {
-                        self.give_back(member, &nonce).await;
+                        self.give_back(member, nonce).await;
                         got.iter_mut().for_each(|o| o.remaining += 1);
                     }
                     for (&i, o) in group.iter().zip(got) {
@@ -90,6 +93,16 @@ impl RedisLimiter {
         }
         let reply: Vec<i64> = self.store.invoke(&call).await?;
         parse(&reply, checks.len())
+    }
+
+    /// Give a concurrency lease back (its entry in the sliding log). Best effort: the lease's
+    /// TTL expires it anyway.
+    pub async fn release(&self, key: &str, nonce: &str) {
+        let mut call = self.refund.prepare_invoke();
+        call.arg(nonce).key(key).arg("sw").arg(0);
+        if let Err(e) = self.store.invoke::<i64>(&call).await {
+            tracing::debug!(error = %e, "stream lease release failed; its TTL will expire it");
+        }
     }
 
     /// Best effort: a failure leaves the request counted, which only errs on the strict side.

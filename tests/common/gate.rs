@@ -126,6 +126,16 @@ impl GateBuilder {
 
     /// Start the real binary on free ports; stdout and stderr go to a log file.
     pub fn spawn_process(self) -> GateProcess {
+        self.spawn_process_with(false)
+    }
+
+    /// Start the real binary with its stdout on a pipe that nobody reads (a stalled log
+    /// collector); stderr goes to the log file.
+    pub fn spawn_process_stdout_stalled(self) -> GateProcess {
+        self.spawn_process_with(true)
+    }
+
+    fn spawn_process_with(self, stalled_stdout: bool) -> GateProcess {
         let pki = TestPki::new();
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = pki.write_to(dir.path());
@@ -136,7 +146,18 @@ impl GateBuilder {
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, &text).unwrap();
         let log_path = dir.path().join("gate.log");
-        let child = spawn_binary(&["--config", config_path.to_str().unwrap()], &log_path);
+        let child = if stalled_stdout {
+            let log = std::fs::File::create(&log_path).unwrap();
+            Command::new(env!("CARGO_BIN_EXE_chatkit-gate"))
+                .args(["--config", config_path.to_str().unwrap()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .unwrap()
+        } else {
+            spawn_binary(&["--config", config_path.to_str().unwrap()], &log_path)
+        };
         let p = GateProcess { child, https, admin, ca_pem: pki.ca_pem(), log_path, dir };
         p.wait_ready();
         p

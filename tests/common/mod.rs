@@ -3,10 +3,12 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod chatkit_server;
 pub mod fake_openai;
 pub mod gate;
 pub mod introspection;
 pub mod logs;
+pub mod permissive_app;
 pub mod redis;
 pub mod sliding_session;
 pub mod upstream;
