@@ -147,6 +147,17 @@ impl<V: Clone, O: Clone> DecisionCache<V, O> {
         Lookup::Pending { rx, lead: Some(flight), stale }
     }
 
+    /// Cache `value` under `key` outside any flight (the same decision under a credential the
+    /// answer rotated to).
+    pub fn insert(&self, key: Key, value: V, fresh_until: Instant, stale_until: Instant) {
+        let mut shard = lock(self.shard(&key));
+        let before = shard.lru.len();
+        shard.lru.insert(key, Entry { value, fresh_until, stale_until });
+        let after = shard.lru.len();
+        drop(shard);
+        self.inner.entries.add(after as i64 - before as i64);
+    }
+
     /// How many decisions are held (all shards).
     #[cfg(test)]
     pub fn len(&self) -> usize {

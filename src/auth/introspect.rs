@@ -34,6 +34,8 @@ pub(crate) struct Credentials {
     /// `forward_headers` present on the request.
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub key: Key,
+    /// The route name in the key (a rotated credential is cached under the same route).
+    pub route: Box<str>,
 }
 
 /// Which cookies and headers count as credentials, and the per-process salt of their hash.
@@ -59,6 +61,12 @@ impl CredentialRules {
         if cookie.is_none() && forwarded.is_empty() {
             return None;
         }
+        let key = self.key(route, cookie.as_ref().map(HeaderValue::as_bytes), &forwarded);
+        Some(Credentials { cookie, headers: forwarded, key, route: route.into() })
+    }
+
+    /// The cache key of a route, a forwarded cookie value and forwarded headers.
+    pub fn key(&self, route: &str, cookie: Option<&[u8]>, forwarded: &[(HeaderName, HeaderValue)]) -> Key {
         let mut h = Sha256::new();
         h.update(self.salt);
         let mut part = |bytes: &[u8]| {
@@ -66,15 +74,16 @@ impl CredentialRules {
             h.update(bytes);
         };
         part(route.as_bytes());
-        part(cookie.as_ref().map_or(&b""[..], HeaderValue::as_bytes));
-        for (name, value) in &forwarded {
+        part(&super::cookies::key_bytes(cookie.unwrap_or_default()));
+        for (name, value) in forwarded {
             part(name.as_str().as_bytes());
             part(value.as_bytes());
         }
-        Some(Credentials { cookie, headers: forwarded, key: Key(h.finalize().into()) })
+        Key(h.finalize().into())
     }
 
-    /// `name=value` pairs of the configured cookies, in request order; allocates only them.
+    /// `name=value` pairs of the configured cookies (and their `.N` chunks), in request order;
+    /// allocates only them.
     fn named_cookies(&self, headers: &HeaderMap) -> Option<HeaderValue> {
         let mut out: Vec<u8> = Vec::new();
         // HTTP/2 clients may send one `cookie` field per pair: look at all of them.
@@ -82,7 +91,9 @@ impl CredentialRules {
             for pair in value.as_bytes().split(|b| *b == b';') {
                 let pair = pair.trim_ascii();
                 let name = pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
-                if pair.len() > name.len() && self.cookies.iter().any(|c| c.as_bytes() == name) {
+                if pair.len() > name.len()
+                    && self.cookies.iter().any(|c| super::cookies::is_name_or_chunk(name, c.as_bytes()))
+                {
                     if !out.is_empty() {
                         out.extend_from_slice(b"; ");
                     }
@@ -423,6 +434,8 @@ mod tests {
         let c = r.extract(&h, "r").unwrap();
         assert_eq!(c.cookie.unwrap(), "session=abc; sid=x=y");
         assert!(r.extract(&headers(&[("cookie", "theme=dark; sessionx=1")]), "r").is_none());
+        let chunked = r.extract(&headers(&[("cookie", "session.0=a; session.x=1; session.1=b")]), "r").unwrap();
+        assert_eq!(chunked.cookie.unwrap(), "session.0=a; session.1=b", "chunks of a configured cookie");
     }
 
     #[test]

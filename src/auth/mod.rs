@@ -6,6 +6,7 @@
 
 mod breaker;
 mod cache;
+mod cookies;
 mod introspect;
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use http_body_util::Empty;
 use prometheus::IntCounter;
 
 use self::cache::{DecisionCache, Flight, Lookup, Store};
-use self::introspect::{Answer, CredentialRules, Failure, Forwarded, IntrospectionMetrics, Introspector};
+use self::introspect::{Answer, CredentialRules, Credentials, Failure, Forwarded, IntrospectionMetrics, Introspector};
 use crate::audit::{Audit, AuditEvent, AuditKind};
 use crate::config::{AuthSettings, RouteAuth, Unauthenticated};
 use crate::context::RequestContext;
@@ -31,6 +32,10 @@ use crate::routes::{Route, RouteKind};
 /// Longest identity header value sent to the app, in bytes (longer values are cut at a character
 /// boundary); also the longest user id accepted.
 pub const MAX_IDENTITY_VALUE_BYTES: usize = 1024;
+
+/// Where `auth.login_url` wants the way back (`/api/auth/signin?callbackUrl={rd}`); without it
+/// the gate appends `rd=`.
+pub const RD_PLACEHOLDER: &str = "{rd}";
 
 /// Longest TTL honoured (keeps `Instant` arithmetic far from overflow).
 const MAX_TTL: Duration = Duration::from_secs(365 * 86_400);
@@ -362,7 +367,7 @@ impl Authenticator {
                 // refreshes the entry. A hung endpoint then costs this user nothing.
                 if let Some(flight) = lead {
                     let req = inner.introspector.request(&creds, &Forwarded::of(parts, ctx));
-                    tokio::spawn(self.inner.clone().introspect(flight, req));
+                    tokio::spawn(self.inner.clone().introspect(flight, req, creds));
                 }
                 return Ok((Decision::SignedIn(signed), Vec::new(), Source::Stale));
             }
@@ -380,7 +385,7 @@ impl Authenticator {
                     // Spawned: the call finishes (and feeds the cache and the other waiters) even
                     // when this request is abandoned by its client.
                     let req = inner.introspector.request(&creds, &Forwarded::of(parts, ctx));
-                    tokio::spawn(self.inner.clone().introspect(flight, req));
+                    tokio::spawn(self.inner.clone().introspect(flight, req, creds));
                 }
                 rx
             }
@@ -408,11 +413,16 @@ impl Inner {
     }
 
     /// One introspection call for a flight: ask, read the answer, update the cache, wake waiters.
-    async fn introspect(self: Arc<Self>, flight: Flight<Decision, Outcome>, req: Request<Empty<Bytes>>) {
+    async fn introspect(
+        self: Arc<Self>,
+        flight: Flight<Decision, Outcome>,
+        req: Request<Empty<Bytes>>,
+        creds: Credentials,
+    ) {
         let (store, outcome) = match self.introspector.call(req).await.and_then(|a| self.read(&a).map(|d| (a, d))) {
             Ok((answer, decision)) => {
                 let (ttl, grace, cookies) = match &decision {
-                    Decision::SignedIn(_) => (self.cache_ttl, self.stale_if_error, answer.set_cookies()),
+                    Decision::SignedIn(_) => (self.cache_ttl, self.stale_if_error, self.relayed(&answer, &creds)),
                     Decision::SignedOut => (self.negative_cache_ttl, Duration::ZERO, Vec::new()),
                 };
                 let limit = if self.respect_cache_control { answer.cache_limit() } else { None };
@@ -422,6 +432,12 @@ impl Inner {
                     // Not cacheable: also forget an older decision, so it can't be served stale.
                     Store::Remove
                 } else {
+                    // A rotated credential (sliding session) is what the browser sends next: the
+                    // same decision under its key keeps that request a cache hit.
+                    if let Some(next) = cookies::rotated(creds.cookie.as_ref(), &cookies) {
+                        let key = self.rules.key(&creds.route, Some(&next), &creds.headers);
+                        self.cache.insert(key, decision.clone(), now + ttl, now + ttl + grace);
+                    }
                     Store::Insert { value: decision.clone(), fresh_until: now + ttl, stale_until: now + ttl + grace }
                 };
                 (store, Outcome::Decided(decision, cookies.into()))
@@ -442,6 +458,23 @@ impl Inner {
             }
         };
         flight.finish(store, outcome);
+    }
+
+    /// The answer's `Set-Cookie` values the browser may get (see [`cookies::relayable`]); the
+    /// others are dropped, and logged by name only at debug level.
+    fn relayed(&self, answer: &Answer, creds: &Credentials) -> Vec<HeaderValue> {
+        let mut out = answer.set_cookies();
+        out.retain(|v| {
+            let keep = cookies::relayable(&self.rules.cookies, creds.cookie.as_ref(), v);
+            if !keep {
+                tracing::debug!(
+                    cookie = %String::from_utf8_lossy(cookies::pair_name(v.as_bytes())),
+                    "introspection Set-Cookie not relayed: that cookie was not forwarded"
+                );
+            }
+            keep
+        });
+        out
     }
 
     /// The decision an answer carries (2xx with a user id = signed in; 401/403 = signed out).
@@ -510,9 +543,14 @@ impl Inner {
         if !redirect || on_login_page {
             return GateError::Unauthorized;
         }
-        let rd = return_path(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()));
-        let sep = if self.login_url.contains('?') { '&' } else { '?' };
-        match HeaderValue::from_str(&format!("{}{sep}rd={}", self.login_url, percent_encode(rd))) {
+        let rd = percent_encode(return_path(parts.uri.path_and_query().map_or("/", |pq| pq.as_str())));
+        let location = if self.login_url.contains(RD_PLACEHOLDER) {
+            self.login_url.replacen(RD_PLACEHOLDER, &rd, 1)
+        } else {
+            let sep = if self.login_url.contains('?') { '&' } else { '?' };
+            format!("{}{sep}rd={rd}", self.login_url)
+        };
+        match HeaderValue::from_str(&location) {
             Ok(location) => GateError::LoginRedirect(location),
             Err(_) => GateError::Unauthorized,
         }
@@ -616,6 +654,51 @@ mod tests {
         }
         assert!(config_errors("login_url = \"/login?next=1\"\nrespect_cache_control = false").is_empty());
         assert!(config_errors("respect_cache_control = \"no\"").iter().any(|e| e.contains("respect_cache_control")));
+    }
+
+    fn settings(auth: &str) -> crate::config::AuthSettings {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n[auth]\n{auth}\n"
+        );
+        crate::config::Config::from_toml(&text).unwrap().auth.unwrap()
+    }
+
+    #[test]
+    fn presets_set_the_framework_defaults_and_explicit_keys_win() {
+        let a = settings("preset = \"nextauth\"");
+        assert_eq!(a.introspection_url, "http://127.0.0.1:3000/api/auth/session");
+        assert_eq!(a.cookies, ["__Secure-next-auth.session-token", "next-auth.session-token"]);
+        assert_eq!(a.login_url, "/api/auth/signin?callbackUrl={rd}");
+        assert!(!a.respect_cache_control, "NextAuth answers no-store");
+        assert_eq!((a.user_id.as_str(), a.user_email.as_deref()), ("/user/id", Some("/user/email")));
+        let a = settings("preset = \"authjs\"");
+        assert_eq!(a.cookies, ["__Secure-authjs.session-token", "authjs.session-token"]);
+        let a = settings("preset = \"django\"");
+        assert_eq!(a.introspection_url, "http://127.0.0.1:3000/auth/whoami/");
+        assert_eq!(
+            (a.cookies.as_slice(), a.login_url.as_str()),
+            (&["sessionid".to_string()][..], "/accounts/login/?next={rd}")
+        );
+        assert!(a.respect_cache_control);
+        let a = settings(
+            "preset = \"nextauth\"\nintrospection_url = \"http://127.0.0.1:4000/s\"\ncookies = []\nlogin_url = \"/login\"\nrespect_cache_control = true",
+        );
+        assert_eq!(
+            (a.introspection_url.to_string().as_str(), a.login_url.as_str()),
+            ("http://127.0.0.1:4000/s", "/login")
+        );
+        assert!(a.cookies.is_empty() && a.respect_cache_control);
+        let errs = config_errors("preset = \"rails\"");
+        assert!(errs.iter().any(|e| e.starts_with("auth.preset: must be nextauth, authjs or django")), "{errs:?}");
+    }
+
+    #[test]
+    fn login_url_takes_one_rd_placeholder_in_its_query() {
+        assert!(config_errors("login_url = \"/accounts/login/?next={rd}\"").is_empty());
+        for bad in ["/login/{rd}", "/login?a={rd}&b={rd}", "/login?next={next}", "/login?next={rd}}"] {
+            let errs = config_errors(&format!("login_url = {bad:?}"));
+            assert!(errs.iter().any(|e| e.starts_with("auth.login_url: the only placeholder")), "{bad}: {errs:?}");
+        }
     }
 
     #[test]

@@ -408,20 +408,48 @@ impl Config {
     }
 
     /// Parse and validate TOML text.
+    ///
+    /// A value of the wrong type (`max_connections = "many"`) is reported with its key, and the
+    /// file is read again without that value so every other problem is reported too.
     pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
         let mut errors = Errors::default();
-        let mut unknown = Vec::new();
-        let de = toml::Deserializer::parse(text)
+        let mut tree: toml::Table = toml::from_str(text)
             .map_err(|e| ConfigErrors(vec![ConfigError { key: "<file>".into(), message: one_line(&e.to_string()) }]))?;
-        let raw: RawConfig = serde_ignored::deserialize(de, |path| unknown.push(key_path(&path)))
-            .map_err(|e| ConfigErrors(vec![ConfigError { key: "<file>".into(), message: one_line(&e.to_string()) }]))?;
-        for key in unknown {
-            errors.push(key, "unknown key");
-        }
+        let mut type_errors: Vec<ConfigError> = Vec::new();
+        let raw = loop {
+            let mut unknown = Vec::new();
+            let mut track = serde_path_to_error::Track::new();
+            let de = serde_path_to_error::Deserializer::new(toml::Value::Table(tree.clone()), &mut track);
+            match serde_ignored::deserialize::<_, _, RawConfig>(de, |path| unknown.push(key_path(&path))) {
+                Ok(raw) => {
+                    for key in unknown {
+                        errors.push(key, "unknown key");
+                    }
+                    break raw;
+                }
+                Err(e) => {
+                    let path = track.path();
+                    let key = segments_key(&path);
+                    // Each pass drops one value; a path that cannot be dropped ends the search.
+                    let removed = !key.is_empty() && type_errors.len() < 64 && remove_path(&mut tree, &path);
+                    type_errors.push(ConfigError {
+                        key: if key.is_empty() { "<file>".into() } else { key },
+                        message: type_message(&e.to_string()),
+                    });
+                    if !removed {
+                        return Err(ConfigErrors(type_errors));
+                    }
+                }
+            }
+        };
         let config = validate(raw, &mut errors);
-        match (config, errors.0.is_empty()) {
+        // A dropped value reads as absent: don't also report it as "required" or defaulted.
+        errors.0.retain(|e| !type_errors.iter().any(|t| is_under(&e.key, &t.key)));
+        let mut all = type_errors;
+        all.append(&mut errors.0);
+        match (config, all.is_empty()) {
             (Some(c), true) => Ok(c),
-            _ => Err(ConfigErrors(errors.0)),
+            _ => Err(ConfigErrors(all)),
         }
     }
 
@@ -443,6 +471,80 @@ fn key_path(path: &serde_ignored::Path<'_>) -> String {
         }
         Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => key_path(parent),
     }
+}
+
+/// `routes[0].auth` for a serde path.
+fn segments_key(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+/// `key` is `parent` or inside it.
+fn is_under(key: &str, parent: &str) -> bool {
+    key.strip_prefix(parent).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// Drop the value at `path` from the parsed file; false when there is nothing to drop.
+fn remove_path(tree: &mut toml::Table, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    fn remove(value: &mut toml::Value, path: &[&Segment]) -> bool {
+        match (value, path) {
+            (toml::Value::Table(t), [Segment::Map { key }]) => t.remove(key.as_str()).is_some(),
+            (toml::Value::Array(items), [Segment::Seq { index }]) if *index < items.len() => {
+                items.remove(*index);
+                true
+            }
+            (toml::Value::Table(t), [Segment::Map { key }, rest @ ..]) => {
+                t.get_mut(key.as_str()).is_some_and(|v| remove(v, rest))
+            }
+            (toml::Value::Array(items), [Segment::Seq { index }, rest @ ..]) => {
+                items.get_mut(*index).is_some_and(|v| remove(v, rest))
+            }
+            _ => false,
+        }
+    }
+    let segments: Vec<&Segment> = path.iter().collect();
+    let mut root = toml::Value::Table(std::mem::take(tree));
+    let removed = remove(&mut root, &segments);
+    if let toml::Value::Table(t) = root {
+        *tree = t;
+    }
+    removed
+}
+
+/// serde's `invalid type: integer `3`, expected a string` as `expected a string, found integer 3`.
+/// A string value is never echoed (it may be a URL with a password).
+fn type_message(serde: &str) -> String {
+    let serde = one_line(serde);
+    let Some(rest) = serde.strip_prefix("invalid type: ") else {
+        return serde;
+    };
+    let Some((found, expected)) = rest.split_once(", expected ") else {
+        return serde;
+    };
+    // toml names the key itself (`a string in `server.listen``): the key is already ours.
+    let expected = expected.split(" in `").next().unwrap_or(expected);
+    let expected = match expected {
+        "usize" | "u8" | "u16" | "u32" | "u64" | "i8" | "i16" | "i32" | "i64" => "an integer",
+        "a boolean" | "bool" => "a boolean (true or false)",
+        "a sequence" => "an array",
+        other => other,
+    };
+    let found = if found.starts_with("string ") { "a string" } else { &found.replace('`', "") };
+    format!("expected {expected}, found {found}")
 }
 
 fn one_line(s: &str) -> String {
@@ -497,6 +599,34 @@ mod tests {
         ));
         assert!(errs.iter().any(|e| e.starts_with("server.listen_typo: unknown key")), "{errs:?}");
         assert!(errs.iter().any(|e| e.starts_with("server.header_timeout:")), "{errs:?}");
+    }
+
+    #[test]
+    fn type_errors_name_their_key_and_the_other_problems_are_reported_too() {
+        let text = format!(
+            "{MINIMAL}\n[auth]\nintrospection_url = \"http://127.0.0.1:3000/s\"\ncookies = \"session\"\n\
+             [chatkit]\nworkflow_id = \"wf_1\"\nworkflow_version = 3\nexpires_after = \"11m\"\n"
+        )
+        .replace("url = \"http://127.0.0.1:3000\"", "url = \"http://127.0.0.1:3000\"\ntimeout = true");
+        let errs = errors(&format!("{text}\n[[routes]]\npath = \"/\"\nrate_limit = [1]\n"));
+        assert_eq!(
+            errs,
+            vec![
+                "auth.cookies: expected an array, found a string",
+                "chatkit.workflow_version: expected a string, found integer 3",
+                "routes[0].rate_limit[0]: expected a string, found integer 1",
+                "upstream.timeout: expected a string, found boolean true",
+                "chatkit.expires_after: must be between 1s and 600s (the API's bounds)",
+            ],
+        );
+        let errs = errors(&MINIMAL.replace("listen = \"127.0.0.1:8443\"", "listen = 8443\nmax_connections = \"many\""));
+        assert_eq!(
+            errs,
+            vec![
+                "server.listen: expected a string, found integer 8443",
+                "server.max_connections: expected an integer, found a string"
+            ]
+        );
     }
 
     #[test]

@@ -281,11 +281,68 @@ pub(super) fn json_pointer(e: &mut Errors, key: &str, v: &str) -> String {
     v.to_string()
 }
 
-pub(super) fn validate_auth(raw: RawAuth, e: &mut Errors) -> AuthSettings {
-    let introspection_url = match raw.introspection_url.as_deref() {
-        Some(v) => e.http_url("auth.introspection_url", v, true),
-        None => {
-            e.push("auth.introspection_url", "required");
+/// What `auth.preset` sets; every key written in the file still wins.
+struct Preset {
+    /// Appended to `upstream.url` when `introspection_url` is not set.
+    introspection_path: &'static str,
+    cookies: &'static [&'static str],
+    login_url: &'static str,
+    respect_cache_control: bool,
+}
+
+fn preset(name: &str) -> Option<Preset> {
+    Some(match name {
+        // NextAuth v4: `__Secure-` over HTTPS (NEXTAUTH_URL = https://…), plain over HTTP. Its
+        // session endpoint answers `Cache-Control: no-store` and rotates the JWT on every call.
+        "nextauth" => Preset {
+            introspection_path: "/api/auth/session",
+            cookies: &["__Secure-next-auth.session-token", "next-auth.session-token"],
+            login_url: "/api/auth/signin?callbackUrl={rd}",
+            respect_cache_control: false,
+        },
+        "authjs" => Preset {
+            introspection_path: "/api/auth/session",
+            cookies: &["__Secure-authjs.session-token", "authjs.session-token"],
+            login_url: "/api/auth/signin?callbackUrl={rd}",
+            respect_cache_control: false,
+        },
+        // The whoami view of the README (401 when signed out, `Cache-Control: max-age` honoured).
+        "django" => Preset {
+            introspection_path: "/auth/whoami/",
+            cookies: &["sessionid"],
+            login_url: "/accounts/login/?next={rd}",
+            respect_cache_control: true,
+        },
+        _ => return None,
+    })
+}
+
+pub(super) fn validate_auth(raw: RawAuth, upstream: Option<&Uri>, e: &mut Errors) -> AuthSettings {
+    let preset = match raw.preset.as_deref() {
+        None => None,
+        Some(name) => {
+            let p = preset(name);
+            if p.is_none() {
+                e.push("auth.preset", format!("must be nextauth, authjs or django (got {name:?})"));
+            }
+            p
+        }
+    };
+    let introspection_url = match (raw.introspection_url.as_deref(), &preset) {
+        (Some(v), _) => e.http_url("auth.introspection_url", v, true),
+        // The framework's endpoint on the app itself.
+        (None, Some(p)) => upstream.and_then(|u| {
+            let base = u.to_string();
+            e.http_url(
+                "auth.introspection_url",
+                &format!("{}{}", base.trim_end_matches('/'), p.introspection_path),
+                true,
+            )
+        }),
+        // An unknown preset is already reported.
+        (None, None) if raw.preset.is_some() => None,
+        (None, None) => {
+            e.push("auth.introspection_url", "required (or set auth.preset)");
             None
         }
     };
@@ -334,13 +391,16 @@ pub(super) fn validate_auth(raw: RawAuth, e: &mut Errors) -> AuthSettings {
         }
         claims.push((name.to_ascii_lowercase(), json_pointer(e, &key, pointer)));
     }
-    let cookies = raw.cookies.unwrap_or_else(|| vec!["session".into()]);
+    let cookies = raw.cookies.unwrap_or_else(|| match &preset {
+        Some(p) => p.cookies.iter().map(|c| c.to_string()).collect(),
+        None => vec!["session".into()],
+    });
     for (i, c) in cookies.iter().enumerate() {
         if c.is_empty() || c.contains([';', '=', ' ', ',']) {
             e.push(format!("auth.cookies[{i}]"), format!("invalid cookie name {c:?}"));
         }
     }
-    let login_url = raw.login_url.unwrap_or_else(|| "/login".into());
+    let login_url = raw.login_url.unwrap_or_else(|| preset.as_ref().map_or("/login", |p| p.login_url).to_string());
     if !login_url.starts_with('/')
         || login_url.starts_with("//")
         || login_url.starts_with("/\\")
@@ -348,6 +408,17 @@ pub(super) fn validate_auth(raw: RawAuth, e: &mut Errors) -> AuthSettings {
         || HeaderValue::from_str(&login_url).is_err()
     {
         e.push("auth.login_url", "must be a path on this site, e.g. \"/login\"");
+    } else if login_url.contains(['{', '}']) {
+        let query = login_url.split_once('?').map_or("", |(_, q)| q);
+        if login_url.matches("{rd}").count() != 1
+            || !query.contains("{rd}")
+            || login_url.replacen("{rd}", "", 1).contains(['{', '}'])
+        {
+            e.push(
+                "auth.login_url",
+                "the only placeholder is one {rd} in the query, e.g. \"/api/auth/signin?callbackUrl={rd}\"",
+            );
+        }
     }
     let cache_max_entries = raw.cache_max_entries.unwrap_or(100_000);
     if cache_max_entries == 0 {
@@ -373,7 +444,9 @@ pub(super) fn validate_auth(raw: RawAuth, e: &mut Errors) -> AuthSettings {
         login_url,
         header_prefix,
         ca_file: raw.ca_file,
-        respect_cache_control: raw.respect_cache_control.unwrap_or(true),
+        respect_cache_control: raw
+            .respect_cache_control
+            .unwrap_or(preset.as_ref().is_none_or(|p| p.respect_cache_control)),
         max_in_flight: match raw.max_in_flight {
             Some(0) => {
                 e.push("auth.max_in_flight", "must be at least 1");

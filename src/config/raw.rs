@@ -74,6 +74,7 @@ pub(super) struct RawAdmin {
 
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct RawAuth {
+    pub(super) preset: Option<String>,
     pub(super) introspection_url: Option<String>,
     pub(super) timeout: Option<String>,
     pub(super) cookies: Option<Vec<String>>,

@@ -96,7 +96,7 @@ pub(super) fn validate(raw: RawConfig, e: &mut Errors) -> Option<Config> {
             None => 64,
         },
     };
-    let auth = raw.auth.map(|a| validate_auth(a, e));
+    let auth = raw.auth.map(|a| validate_auth(a, upstream.as_ref().map(|u| &u.url), e));
     let rate_limit = raw.rate_limit.map(|r| validate_rate_limit(r, e));
     let chatkit = raw.chatkit.map(|c| validate_chatkit(c, rate_limit.as_ref(), e));
     let routes = validate_routes(raw.routes, auth.is_some(), rate_limit.as_ref(), e);

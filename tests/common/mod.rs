@@ -11,6 +11,7 @@ pub mod introspection;
 pub mod logs;
 pub mod permissive_app;
 pub mod redis;
+pub mod sliding_session;
 pub mod upstream;
 
 /// Wait (up to 5 s, polling every 10 ms) until `check` holds; fail the test naming `what`.
