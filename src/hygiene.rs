@@ -4,10 +4,11 @@
 
 use std::borrow::Cow;
 
-use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 
 use crate::error::GateError;
+use crate::upstream;
 
 /// Why a request target cannot be normalised safely (answered `400 {"error":"Bad request"}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,10 +236,6 @@ pub fn request_host(
     HeaderValue::from_str(text).map_err(|_| bad)
 }
 
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-static PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authorization");
-
 /// Does `name` (already lower-case) start with `prefix`, reading `_` in `name` as `-`?
 fn starts_folded(name: &[u8], prefix: &[u8]) -> bool {
     name.len() >= prefix.len() && name.iter().zip(prefix).all(|(&n, &p)| n == p || (n == b'_' && p == b'-'))
@@ -304,17 +301,14 @@ pub fn clean_request_headers(
     let mut cleaned = Cleaned::default();
     let mut connection_upgrade = false;
     let mut named: Vec<HeaderName> = Vec::new();
-    for v in headers.get_all(CONNECTION) {
-        for token in v.to_str().unwrap_or("").split(',') {
-            let token = token.trim();
-            if token.eq_ignore_ascii_case("upgrade") {
-                connection_upgrade = true;
-            } else if let Ok(n) = HeaderName::from_bytes(token.as_bytes())
-                && n != HOST
-                && n != CONTENT_LENGTH
-            {
-                named.push(n);
-            }
+    for token in upstream::connection_tokens(headers) {
+        if token.eq_ignore_ascii_case("upgrade") {
+            connection_upgrade = true;
+        } else if let Ok(n) = HeaderName::from_bytes(token.as_bytes())
+            && n != HOST
+            && n != CONTENT_LENGTH
+        {
+            named.push(n);
         }
     }
     if version == Version::HTTP_11
@@ -327,7 +321,7 @@ pub fn clean_request_headers(
     }
     if peer_trusted {
         let mut chain = String::new();
-        for v in headers.get_all(&crate::upstream::X_FORWARDED_FOR) {
+        for v in headers.get_all(&upstream::X_FORWARDED_FOR) {
             if let Ok(s) = v.to_str() {
                 if !chain.is_empty() {
                     chain.push_str(", ");
@@ -337,10 +331,7 @@ pub fn clean_request_headers(
         }
         cleaned.prior_forwarded_for = (!chain.is_empty()).then_some(chain);
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
-        // Framing is the body's business; never forward both (request smuggling).
-        headers.remove(CONTENT_LENGTH);
-    }
+    upstream::drop_length_beside_chunked(headers);
     let prefix = rules.identity_prefix.as_bytes();
     for name in headers.keys() {
         let n = name.as_str().as_bytes();
@@ -351,9 +342,7 @@ pub fn clean_request_headers(
             named.push(name.clone());
         }
     }
-    for name in
-        [&CONNECTION, &KEEP_ALIVE, &PROXY_CONNECTION, &PROXY_AUTHORIZATION, &TE, &TRAILER, &TRANSFER_ENCODING, &UPGRADE]
-    {
+    for name in &upstream::HOP_BY_HOP {
         headers.remove(name);
     }
     for name in named {
@@ -477,6 +466,20 @@ mod tests {
         let rules = HeaderRules { identity_prefix: "x-auth-request-".into(), allow_underscore: true, upgrades: vec![] };
         clean_request_headers(&mut h, Version::HTTP_11, false, &rules);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn identity_headers_are_removed_in_every_case_and_repeat() {
+        let mut h = HeaderMap::new();
+        h.append("x-auth-request-user", HeaderValue::from_static("admin"));
+        h.append("X-Auth-Request-User", HeaderValue::from_static("root"));
+        h.append("x-auth-request-anything", HeaderValue::from_static("1"));
+        h.append("x-auth", HeaderValue::from_static("kept"));
+        let rules =
+            HeaderRules { identity_prefix: "x-auth-request-".into(), allow_underscore: false, upgrades: vec![] };
+        clean_request_headers(&mut h, Version::HTTP_11, false, &rules);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-auth"], "kept");
     }
 
     #[test]

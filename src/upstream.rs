@@ -24,10 +24,34 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-static PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authorization");
-static PROXY_AUTHENTICATE: HeaderName = HeaderName::from_static("proxy-authenticate");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the `Proxy-*` and legacy `Keep-Alive` ones): never
+/// forwarded in either direction (an allowed upgrade re-adds its own `Connection`/`Upgrade`).
+pub(crate) static HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("proxy-authorization"),
+    HeaderName::from_static("proxy-authenticate"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// The tokens of every `Connection` header, trimmed.
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers.get_all(CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
+}
+
+/// A message framed by Transfer-Encoding ignores Content-Length (RFC 9112 §6.3); forwarding both
+/// would let the next hop frame it differently (request smuggling). Hyper re-frames.
+pub(crate) fn drop_length_beside_chunked(headers: &mut HeaderMap) {
+    if headers.contains_key(TRANSFER_ENCODING) {
+        headers.remove(http::header::CONTENT_LENGTH);
+    }
+}
 
 /// The pooled client to the app.
 pub struct Upstream {
@@ -265,34 +289,16 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// answer of the app (requests go through [`crate::hygiene::clean_request_headers`]).
 /// With `upgrade`, `Connection: upgrade` and `Upgrade` survive (the tunnel needs them).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // A message framed by Transfer-Encoding ignores Content-Length (RFC 9112 §6.3); forwarding
-    // both would let the next hop frame it differently (request smuggling). Hyper re-frames.
-    if headers.contains_key(TRANSFER_ENCODING) {
-        headers.remove(http::header::CONTENT_LENGTH);
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    drop_length_beside_chunked(headers);
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .filter(|n| !(upgrade && *n == UPGRADE))
         .collect();
     for name in named {
         headers.remove(name);
     }
     let upgrade_value = if upgrade { headers.get(UPGRADE).cloned() } else { None };
-    for name in [
-        &CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &PROXY_AUTHORIZATION,
-        &PROXY_AUTHENTICATE,
-        &TE,
-        &TRAILER,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-    ] {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if let Some(v) = upgrade_value {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{ACCEPT, HeaderName};
-use http::{HeaderMap, HeaderValue, Method, Request};
+use http::{HeaderValue, Method, Request};
 use http_body_util::Empty;
 use prometheus::IntCounter;
 
@@ -63,18 +63,6 @@ pub struct AuthResult {
     pub identity: Option<Arc<Identity>>,
     /// `Set-Cookie` values from the introspection answer, for the client.
     pub set_cookies: Vec<HeaderValue>,
-}
-
-/// Remove every header whose name starts with `prefix` (client-sent identity is never believed).
-pub fn strip_prefixed(headers: &mut HeaderMap, prefix: &str) {
-    // Nearly every request has none: look before allocating.
-    if !headers.keys().any(|k| k.as_str().starts_with(prefix)) {
-        return;
-    }
-    let doomed: Vec<_> = headers.keys().filter(|k| k.as_str().starts_with(prefix)).cloned().collect();
-    for k in doomed {
-        headers.remove(k);
-    }
 }
 
 /// A signed-in decision: the identity and its identity headers, built once per answer.
@@ -153,7 +141,6 @@ struct IdentityHeaders {
 }
 
 struct Inner {
-    prefix: String,
     login_url: String,
     /// `login_url` without its query: never redirected to itself.
     login_path: String,
@@ -268,7 +255,6 @@ impl Authenticator {
             .flat_map(|v| Source::ALL.map(|s| metrics.auth_decisions.with_label_values(&[v.label(), s.label()])))
             .collect();
         let inner = Inner {
-            prefix,
             login_url: settings.login_url.clone(),
             login_path,
             cache_ttl: settings.cache_ttl.min(MAX_TTL),
@@ -297,7 +283,8 @@ impl Authenticator {
         Ok(Authenticator { inner: Arc::new(inner) })
     }
 
-    /// Strip client identity headers; on non-public routes, decide. `Err` is the answer to send
+    /// On non-public routes, decide (client copies of identity headers, in every spelling, were
+    /// removed by the header pass, [`crate::hygiene::clean_request_headers`]). `Err` is the answer to send
     /// instead of proxying: 401 or 302 to the login page (signed out on a required route), or
     /// 503 (introspection unavailable and no usable cached identity, on any non-public route).
     pub async fn authorize(
@@ -307,7 +294,6 @@ impl Authenticator {
         ctx: &RequestContext,
     ) -> Result<AuthResult, GateError> {
         let inner = &self.inner;
-        strip_prefixed(&mut parts.headers, &inner.prefix);
         if route.auth == RouteAuth::Public {
             return Ok(AuthResult::default());
         }
@@ -705,18 +691,6 @@ mod tests {
     fn decision_counters_are_indexed_by_declaration_order() {
         assert!(Source::ALL.iter().enumerate().all(|(i, s)| *s as usize == i));
         assert!(Verdict::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
-    }
-
-    #[test]
-    fn strip_prefixed_removes_every_case_and_repeat() {
-        let mut h = HeaderMap::new();
-        h.append("x-auth-request-user", HeaderValue::from_static("admin"));
-        h.append("X-Auth-Request-User", HeaderValue::from_static("root"));
-        h.append("x-auth-request-anything", HeaderValue::from_static("1"));
-        h.append("x-auth", HeaderValue::from_static("kept"));
-        strip_prefixed(&mut h, "x-auth-request-");
-        assert_eq!(h.len(), 1);
-        assert_eq!(h["x-auth"], "kept");
     }
 
     #[test]

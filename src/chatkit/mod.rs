@@ -130,9 +130,7 @@ impl ChatKit {
         identity: Arc<Identity>,
         ctx: &RequestContext,
     ) -> Result<Response<GateBody>, GateError> {
-        if parts.method != Method::POST {
-            return Err(GateError::MethodNotAllowed);
-        }
+        // The pipeline refuses other methods before rate limits; `handle_bytes` checks again.
         let body = match read_limited(body, self.body_limit).await {
             Ok(b) => b,
             Err(ReadBodyError::TooLarge(_)) => return Err(GateError::PayloadTooLarge),
