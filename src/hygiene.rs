@@ -307,6 +307,8 @@ pub fn clean_request_headers(
         } else if let Ok(n) = HeaderName::from_bytes(token.as_bytes())
             && n != HOST
             && n != CONTENT_LENGTH
+            // `Connection: keep-alive` and friends are removed below anyway: no list needed.
+            && !upstream::HOP_BY_HOP.contains(&n)
         {
             named.push(n);
         }
