@@ -55,8 +55,23 @@ pub trait BodyGuard: Send + Sync {
     /// Each data frame as it passes (most guards ignore them).
     fn data(&mut self, _chunk: &Bytes) {}
 
+    /// True when the body's end must wait for [`BodyGuard::ending`]: the body then never says
+    /// it has ended before its end has been polled.
+    fn holds_end(&self) -> bool {
+        false
+    }
+
+    /// Called once when the body has been read to its end, before hyper learns of it: a task
+    /// the end is held back for (at most [`ENDING_WAIT`]), e.g. a stream lease's release.
+    fn ending(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
+
     fn finished(&mut self, end: BodyEnd);
 }
+
+/// The longest a body's end waits for its guard's [`BodyGuard::ending`] task.
+pub const ENDING_WAIT: Duration = Duration::from_millis(500);
 
 /// Two guards on one body (e.g. a stream lease under the access-log guard).
 struct Both(Box<dyn BodyGuard>, Box<dyn BodyGuard>);
@@ -65,6 +80,17 @@ impl BodyGuard for Both {
     fn data(&mut self, chunk: &Bytes) {
         self.0.data(chunk);
         self.1.data(chunk);
+    }
+
+    fn holds_end(&self) -> bool {
+        self.0.holds_end() || self.1.holds_end()
+    }
+
+    fn ending(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        // At most one guard holds a lease; another's task, if any, runs on detached.
+        let first = self.0.ending();
+        let second = self.1.ending();
+        first.or(second)
     }
 
     fn finished(&mut self, end: BodyEnd) {
@@ -81,6 +107,8 @@ pin_project! {
         #[pin]
         kind: Kind,
         guard: Option<Box<dyn BodyGuard>>,
+        // Set at the end while the guard's ending task runs.
+        ending: Option<Ending>,
     }
 
     impl PinnedDrop for GateBody {
@@ -91,6 +119,21 @@ pin_project! {
                 guard.finished(end);
             }
         }
+    }
+}
+
+/// A body's end held back for a guard's task (see [`BodyGuard::ending`]).
+struct Ending {
+    task: tokio::task::JoinHandle<()>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Ending {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if Pin::new(&mut self.task).poll(cx).is_ready() || self.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 }
 
@@ -112,7 +155,7 @@ fn kind_ended(kind: &Kind) -> bool {
 
 impl GateBody {
     pub fn empty() -> Self {
-        GateBody { kind: Kind::Empty, guard: None }
+        GateBody { kind: Kind::Empty, guard: None, ending: None }
     }
 
     pub fn full(data: impl Into<Bytes>) -> Self {
@@ -120,11 +163,11 @@ impl GateBody {
         if data.is_empty() {
             return Self::empty();
         }
-        GateBody { kind: Kind::Full { data: Some(data) }, guard: None }
+        GateBody { kind: Kind::Full { data: Some(data) }, guard: None, ending: None }
     }
 
     pub fn incoming(body: Incoming) -> Self {
-        GateBody { kind: Kind::Incoming { body }, guard: None }
+        GateBody { kind: Kind::Incoming { body }, guard: None, ending: None }
     }
 
     /// A client's request body on its way to the app, watched: no progress for `timeout` ends
@@ -137,6 +180,7 @@ impl GateBody {
         GateBody {
             kind: Kind::Upload { upload: Upload { body, state, timeout, idle: None, waiting: false } },
             guard: None,
+            ending: None,
         }
     }
 
@@ -176,6 +220,11 @@ impl Body for GateBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
+        if let Some(ending) = this.ending.as_mut() {
+            std::task::ready!(ending.poll(cx));
+            *this.ending = None;
+            return Poll::Ready(None);
+        }
         let polled = match this.kind.project() {
             KindProj::Empty => Poll::Ready(None),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
@@ -195,14 +244,22 @@ impl Body for GateBody {
                 Poll::Pending => None,
             };
             if let (Some(end), Some(mut guard)) = (end, end.and_then(|_| this.guard.take())) {
+                let task = if end == BodyEnd::Complete { guard.ending() } else { None };
                 guard.finished(end);
+                if let Some(task) = task {
+                    let mut ending = Ending { task, deadline: Box::pin(tokio::time::sleep(ENDING_WAIT)) };
+                    if ending.poll(cx).is_pending() {
+                        *this.ending = Some(ending);
+                        return Poll::Pending;
+                    }
+                }
             }
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        kind_ended(&self.kind)
+        kind_ended(&self.kind) && self.ending.is_none() && !self.guard.as_ref().is_some_and(|g| g.holds_end())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -348,4 +405,63 @@ pub async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ReadBod
         }
     }
     Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A guard whose ending task sleeps, then marks itself done.
+    struct Slow {
+        sleep: Duration,
+        done: Arc<AtomicBool>,
+        finished: Arc<AtomicUsize>,
+    }
+
+    impl BodyGuard for Slow {
+        fn holds_end(&self) -> bool {
+            true
+        }
+
+        fn ending(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+            let (sleep, done) = (self.sleep, self.done.clone());
+            Some(tokio::spawn(async move {
+                tokio::time::sleep(sleep).await;
+                done.store(true, Ordering::SeqCst);
+            }))
+        }
+
+        fn finished(&mut self, _: BodyEnd) {
+            self.finished.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn slow_body(sleep: Duration) -> (GateBody, Arc<AtomicBool>, Arc<AtomicUsize>) {
+        let (done, finished) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let guard = Slow { sleep, done: done.clone(), finished: finished.clone() };
+        (GateBody::full("last event").with_guard(Box::new(guard)), done, finished)
+    }
+
+    #[tokio::test]
+    async fn the_end_waits_for_the_guards_ending_task() {
+        let (mut body, done, finished) = slow_body(Duration::from_millis(100));
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "last event");
+        // Nothing more to send, but the body must not say so before the task is through.
+        assert!(!body.is_end_stream());
+        assert!(body.frame().await.is_none());
+        assert!(done.load(Ordering::SeqCst), "the end was passed on before the ending task finished");
+        assert!(body.is_end_stream());
+        drop(body);
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_ending_task_holds_the_end_back_at_most_the_bound() {
+        let (body, done, _) = slow_body(Duration::from_secs(30));
+        let collected = tokio::time::timeout(ENDING_WAIT * 10, body.collect()).await;
+        assert_eq!(collected.expect("end held past the bound").unwrap().to_bytes(), "last event");
+        assert!(!done.load(Ordering::SeqCst));
+    }
 }

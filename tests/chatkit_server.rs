@@ -299,6 +299,13 @@ async fn a_second_concurrent_stream_is_limited_until_the_first_ends_or_is_aborte
         assert!(Instant::now() < deadline, "lease not released in Redis");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A stream read to its end: the lease is back in Redis before the client sees the end,
+    // so a client that starts its next stream at once is never refused.
+    let ended = post(&gate, "tok-carol", &create("stream:2:1")).await;
+    assert_eq!(ended.status(), 200);
+    ended.text().await.unwrap();
+    let n: i64 = redis::cmd("ZCARD").arg(&keys[0]).query_async(&mut con).await.unwrap();
+    assert_eq!(n, 0, "the lease was still held when the client saw the stream's end");
     gate.stop().await.unwrap();
 }
 

@@ -60,6 +60,14 @@ impl BodyGuard for AnswerGuard {
         }
     }
 
+    fn holds_end(&self) -> bool {
+        self.lease.as_ref().is_some_and(Lease::is_remote)
+    }
+
+    fn ending(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        self.lease.take().and_then(Lease::give_back)
+    }
+
     fn finished(&mut self, _: BodyEnd) {
         // The lease goes back now, not when hyper gets round to dropping the body.
         self.lease = None;

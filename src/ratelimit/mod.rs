@@ -166,18 +166,42 @@ enum Held {
     Local { store: Arc<LocalStore>, admitted_us: i64 },
 }
 
-impl Drop for Lease {
-    fn drop(&mut self) {
+impl Lease {
+    /// Give the lease back now. A Redis release runs in a task of its own (it outlives the
+    /// caller); its handle lets a stream hold its last frame until the release is through, so
+    /// a client that starts its next stream the moment this one ends is never refused.
+    pub fn give_back(mut self) -> Option<tokio::task::JoinHandle<()>> {
+        self.release()
+    }
+
+    /// Whether giving the lease back takes a round trip (see [`Lease::give_back`]).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.held, Held::Redis { .. })
+    }
+
+    fn release(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         let key = std::mem::take(&mut self.key);
+        if key.is_empty() {
+            return None;
+        }
         match &self.held {
-            Held::Local { store, admitted_us } => store.release(&key, *admitted_us),
+            Held::Local { store, admitted_us } => {
+                store.release(&key, *admitted_us);
+                None
+            }
             Held::Redis { limiter, nonce } => {
                 let (limiter, nonce) = (limiter.clone(), nonce.clone());
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move { limiter.release(&key, &nonce).await });
-                }
+                let rt = tokio::runtime::Handle::try_current().ok()?;
+                Some(rt.spawn(async move { limiter.release(&key, &nonce).await }))
             }
         }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Dropping the handle detaches the task: the release still runs.
+        drop(self.release());
     }
 }
 
