@@ -409,6 +409,7 @@ pub async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ReadBod
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
