@@ -4,26 +4,18 @@
 #
 #   bench/ab-plain-route.sh GATE_A GATE_B [duration=8s]
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+[ $# -ge 2 ] || { echo "usage: $0 GATE_A GATE_B [duration=8s]" >&2; exit 1; }
 A="$1"; B="$2"; DUR="${3:-8s}"
-TMP="$(mktemp -d)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
-openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost -days 1 -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
-cat > "$TMP/backend.conf" <<NGX
-worker_processes 1; daemon off; pid $TMP/backend.pid; error_log $TMP/backend.err;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:18280; keepalive_requests 100000;
-  location / { return 200 "hello from the backend\n"; } } }
-NGX
-nginx -c "$TMP/backend.conf" -p "$TMP" & PIDS+=($!)
-for n in a b; do
-  port=$([ $n = a ] && echo 19643 || echo 19644); admin=$([ $n = a ] && echo 19290 || echo 19291)
-  printf '[server]\nlisten = "127.0.0.1:%s"\n[tls]\ncert_file = "%s"\nkey_file = "%s"\n[upstream]\nurl = "http://127.0.0.1:18280"\n[admin]\nlisten = "127.0.0.1:%s"\n' "$port" "$TMP/cert.pem" "$TMP/key.pem" "$admin" > "$TMP/$n.toml"
-done
-TOKIO_WORKER_THREADS=1 "$A" --config "$TMP/a.toml" --log-level warn & PIDS+=($!)
-TOKIO_WORKER_THREADS=1 "$B" --config "$TMP/b.toml" --log-level warn & PIDS+=($!)
-sleep 1
+bench_need nginx wrk openssl curl
+bench_port_free 18280 19643 19644 19290 19291
+bench_init
+bench_cert
+bench_backend 18280
+bench_gate_toml "$TMP/a.toml" 19643 19290 18280
+bench_gate_toml "$TMP/b.toml" 19644 19291 18280
+GATE="$A" bench_gate a "$TMP/a.toml" 19290
+GATE="$B" bench_gate b "$TMP/b.toml" 19291
 for round in 1 2 3; do
   for n in a b; do
     port=$([ $n = a ] && echo 19643 || echo 19644)

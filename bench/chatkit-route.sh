@@ -6,45 +6,23 @@
 #
 #   bench/chatkit-route.sh [duration=10s] [connections=32]
 #
-# Needs: nginx, wrk, openssl. Builds the gate in release. GATE=<binary> skips the build.
+# Needs: nginx, wrk, openssl, curl. Builds the gate in release; GATE_BIN=<binary> (or GATE=) skips the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 DURATION="${1:-10s}"
 CONNS="${2:-32}"
-TMP="$(mktemp -d)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
-
-for bin in nginx wrk openssl; do command -v "$bin" >/dev/null || { echo "missing $bin"; exit 1; }; done
-if [ -z "${GATE:-}" ]; then
-    cargo build --release --quiet
-    GATE="${CARGO_TARGET_DIR:-target}/release/chatkit-gate"
-fi
-
-openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost -days 1 \
-    -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+bench_need nginx wrk openssl curl
+bench_port_free 18180 19543 19190
+bench_init
+bench_gate_bin
+bench_cert
 
 # Backend: nginx answering every POST with a small JSON body (it discards the request body).
-cat > "$TMP/backend.conf" <<NGX
-worker_processes 1; daemon off; pid $TMP/backend.pid; error_log $TMP/backend.err;
-events { worker_connections 4096; }
-http { access_log off; client_body_buffer_size 64k;
-  server { listen 127.0.0.1:18180; keepalive_requests 100000;
-    location / { default_type application/json; return 200 '{"data":[],"has_more":false}'; } } }
-NGX
-nginx -c "$TMP/backend.conf" -p "$TMP" & PIDS+=($!)
+bench_backend 18180 "location / { default_type application/json; return 200 '{\"data\":[],\"has_more\":false}'; }"
 
-cat > "$TMP/gate.toml" <<TOML
-[server]
-listen = "127.0.0.1:19543"
-[tls]
-cert_file = "$TMP/cert.pem"
-key_file = "$TMP/key.pem"
-[upstream]
-url = "http://127.0.0.1:18180"
-[admin]
-listen = "127.0.0.1:19190"
+bench_gate_toml "$TMP/gate.toml" 19543 19190 18180
+cat >> "$TMP/gate.toml" <<TOML
 [[routes]]
 name = "chatkit"
 path = "/chatkit"
@@ -73,8 +51,7 @@ wrk.body = '{"type":"threads.list","params":{"limit":20,"order":"desc"}}'
 wrk.headers["Content-Type"] = "application/json"
 LUA
 
-TOKIO_WORKER_THREADS=1 "$GATE" --config "$TMP/gate.toml" --log-level warn & PIDS+=($!)
-sleep 1
+bench_gate gate "$TMP/gate.toml" 19190
 
 run() {
     local name="$1" url="$2" script="$3"

@@ -1,85 +1,108 @@
 #!/usr/bin/env bash
-# Plain-proxy throughput: chatkit-gate vs nginx, same machine, same backend, same TLS cert,
-# same client (wrk over HTTPS, HTTP/1.1 keep-alive). Loopback only.
+# chatkit-gate vs nginx on the same machine, same backend, same TLS cert, one worker each,
+# loopback only; prints every row of the performance goals table (bench/README.md) with
+# PASS/FAIL, in one run of about 2.5 minutes at the defaults.
 #
 #   bench/proxy-vs-nginx.sh [duration=10s] [connections=64]
 #
-# Needs: nginx, wrk, openssl (apt-get install -y nginx wrk openssl); builds the gate in release.
-# Access logs are off on both sides (the gate at --log-level warn) so the log sink is not measured.
+#   GATE_BIN=<binary>   use this gate binary instead of `cargo build --release`
+#   BENCH_QUICK=1       wait 5 s instead of 60 s before the "RSS after the connections close" sample
+#   BENCH_MEM_CONNS=N   idle TLS connections for the memory rows (default 1000)
+#   BENCH_KEEP_TMP=1    keep the temp dir (configs, raw wrk/h2load output, logs)
+#
+# Needs: nginx, wrk, h2load (nghttp2-client), openssl, curl, python3; redis-server for row 3.
+# The plain rows have access logs off on both sides (the gate at --log-level warn); row 5 turns
+# them on. Every load loop has a fixed duration; every process started is stopped by PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
+
+INVOKED="$(for v in GATE_BIN GATE BENCH_QUICK BENCH_MEM_CONNS; do [ -n "${!v:-}" ] && printf '%s=%q ' "$v" "${!v}"; done; printf '%q' "$0"; for a in "$@"; do printf ' %q' "$a"; done)"
 DURATION="${1:-10s}"
 CONNS="${2:-64}"
 THREADS=1
-TMP="$(mktemp -d)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
+H2_CLIENTS=50
+H2_STREAMS=10
+MEM_CONNS="${BENCH_MEM_CONNS:-1000}"
+MEM_HOLD=4                                # seconds the idle connections are held (RSS sampled 1 s in)
+if [ -n "${BENCH_QUICK:-}" ]; then SETTLE=5; else SETTLE=60; fi
+COOKIE='Cookie: session=bench; other=x'
+START_S=$SECONDS
 
-for bin in nginx wrk openssl; do command -v "$bin" >/dev/null || { echo "missing $bin"; exit 1; }; done
-cargo build --release --quiet
-GATE="${CARGO_TARGET_DIR:-target}/release/chatkit-gate"
+case "$DURATION" in
+    *[0-9]h) DUR_S=$(( ${DURATION%h} * 3600 )) ;;
+    *[0-9]m) DUR_S=$(( ${DURATION%m} * 60 )) ;;
+    *[0-9]s) DUR_S=${DURATION%s} ;;
+    *) DUR_S=$DURATION ;;
+esac
+[[ "$DUR_S" =~ ^[0-9]+$ ]] && [ "$DUR_S" -ge 1 ] || { echo "duration: whole seconds, minutes or hours (10s, 1m)" >&2; exit 1; }
+[[ "$CONNS" =~ ^[0-9]+$ ]] && [ "$CONNS" -ge 1 ] || { echo "connections: a positive number" >&2; exit 1; }
 
-openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost -days 1 \
-    -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+bench_need nginx wrk h2load openssl curl python3 awk ps
+HAVE_REDIS=; command -v redis-server >/dev/null && HAVE_REDIS=1
+need_fds=$(( MEM_CONNS * 2 + 1024 ))
+if [ "$(ulimit -n)" -lt "$need_fds" ]; then ulimit -n "$need_fds" 2>/dev/null || ulimit -n "$(ulimit -Hn)"; fi
+[ "$(ulimit -n)" -ge $(( MEM_CONNS + 256 )) ] || { echo "ulimit -n $(ulimit -n) is too low for $MEM_CONNS connections" >&2; exit 1; }
 
-# Backend: nginx answering a small body, shared by both proxies.
-cat > "$TMP/backend.conf" <<NGX
-worker_processes 1; daemon off; pid $TMP/backend.pid; error_log $TMP/backend.err;
-events { worker_connections 4096; }
-http { access_log off;
-  server { listen 127.0.0.1:18080; keepalive_requests 100000;
-    location / { return 200 "hello from the backend\n"; }
-    location = /auth { default_type application/json; return 200 '{"user":{"id":"u1","name":"Bench"}}'; } } }
-NGX
-nginx -c "$TMP/backend.conf" -p "$TMP" & PIDS+=($!)
+bench_port_free 18080 18443 18444 18445 18446 19443 19444 19445 19446 19447 19090 19091 19092 19093 19094 16379
+bench_init
+bench_gate_bin
+bench_cert
+LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 
-# nginx as the TLS reverse proxy (pooled keep-alive upstream, as operators configure it).
-cat > "$TMP/proxy.conf" <<NGX
-worker_processes 1; daemon off; pid $TMP/proxy.pid; error_log $TMP/proxy.err;
+# ---------------------------------------------------------------- processes
+bench_backend 18080
+
+# nginx as the TLS reverse proxy (pooled keep-alive upstream, as operators configure it):
+# 18443 plain, 18444 authenticated the nginx way (auth_request on every request, nginx has no
+# cache), 18445 plain with an access log (row 5). nginx-mem (18446) is the same plain proxy in a
+# process of its own, fresh for the memory rows.
+PROXY_LOC='proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto https;'
+TLS="ssl_certificate $TMP/cert.pem; ssl_certificate_key $TMP/key.pem; keepalive_requests 100000; keepalive_timeout 120s;"
+nginx_conf() {   # FILE NAME SERVERS
+    cat > "$1" <<NGX
+worker_processes 1; daemon off; pid $TMP/$2.pid; error_log $TMP/$2.err; worker_rlimit_nofile 8192;
 events { worker_connections 4096; }
 http { access_log off;
   upstream app { server 127.0.0.1:18080; keepalive 64; }
-  server { listen 127.0.0.1:18443 ssl http2; ssl_certificate $TMP/cert.pem; ssl_certificate_key $TMP/key.pem;
-    keepalive_requests 100000;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto https; } }
-  # The same, authenticated the nginx way: auth_request on every request (nginx has no cache).
-  server { listen 127.0.0.1:18444 ssl http2; ssl_certificate $TMP/cert.pem; ssl_certificate_key $TMP/key.pem;
-    keepalive_requests 100000;
-    location = /_auth { internal; proxy_pass http://app/auth; proxy_pass_request_body off;
-      proxy_set_header Content-Length ""; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header X-Original-URI \$request_uri; }
-    location / { auth_request /_auth; proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto https; } } }
+  $3 }
 NGX
-nginx -c "$TMP/proxy.conf" -p "$TMP" & PIDS+=($!)
+}
+nginx_conf "$TMP/proxy.conf" proxy "
+  server { listen 127.0.0.1:18443 ssl http2; $TLS
+    location / { $PROXY_LOC } }
+  server { listen 127.0.0.1:18444 ssl http2; $TLS
+    location = /_auth { internal; proxy_pass http://app/auth; proxy_pass_request_body off;
+      proxy_set_header Content-Length \"\"; proxy_http_version 1.1; proxy_set_header Connection \"\";
+      proxy_set_header X-Original-URI \$request_uri; }
+    location / { auth_request /_auth; $PROXY_LOC } }
+  server { listen 127.0.0.1:18445 ssl http2; $TLS access_log $TMP/nginx-access.log;
+    location / { $PROXY_LOC } }"
+nginx_conf "$TMP/nginx-mem.conf" nginx-mem "
+  server { listen 127.0.0.1:18446 ssl http2; $TLS
+    location / { $PROXY_LOC } }"
+bench_nginx proxy "$TMP/proxy.conf" 18443 18444 18445
+bench_nginx nginx-mem "$TMP/nginx-mem.conf" 18446
 
-cat > "$TMP/gate.toml" <<TOML
-[server]
-listen = "127.0.0.1:19443"
-[tls]
-cert_file = "$TMP/cert.pem"
-key_file = "$TMP/key.pem"
-[upstream]
-url = "http://127.0.0.1:18080"
-[admin]
-listen = "127.0.0.1:19090"
-TOML
-sed -e 's/19443/19444/; s/19090/19091/' "$TMP/gate.toml" > "$TMP/gate-auth.toml"
-cat >> "$TMP/gate-auth.toml" <<TOML
-[auth]
+# Gates: idle_timeout above the memory rows' hold, max_connections above their connection count.
+SERVER_LINES="idle_timeout = \"120s\"
+max_connections = $(( MEM_CONNS + 1000 ))"
+bench_gate_toml "$TMP/gate.toml" 19443 19090 18080 "$SERVER_LINES"
+bench_gate_toml "$TMP/gate-log.toml" 19446 19093 18080 "$SERVER_LINES"
+bench_gate_toml "$TMP/gate-mem.toml" 19447 19094 18080 "$SERVER_LINES"
+bench_gate_toml "$TMP/gate-auth.toml" 19444 19091 18080 "$SERVER_LINES"
+AUTH_TOML='[auth]
 introspection_url = "http://127.0.0.1:18080/auth"
 cookies = ["session"]
-TOML
-# The authenticated gate plus a rate limit kept in Redis (high enough never to reject).
-RL=""
-if command -v redis-server >/dev/null; then
-    redis-server --port 16379 --save "" --appendonly no --daemonize no >/dev/null 2>&1 & PIDS+=($!)
-    sed -e 's/19444/19445/; s/19091/19092/' "$TMP/gate-auth.toml" > "$TMP/gate-rl.toml"
+cache_ttl = "10m"                 # the decision stays warm for any run length'
+echo "$AUTH_TOML" >> "$TMP/gate-auth.toml"
+if [ -n "$HAVE_REDIS" ]; then
+    # The authenticated gate plus a rate limit kept in Redis (high enough never to reject).
+    bench_gate_toml "$TMP/gate-rl.toml" 19445 19092 18080 "$SERVER_LINES"
     cat >> "$TMP/gate-rl.toml" <<TOML
+$AUTH_TOML
 [[routes]]
 path = "/"
 auth = "required"
@@ -92,23 +115,252 @@ limit = 1000000
 window = "1s"
 key = "user"
 TOML
-    RL=1
+    redis-server --bind 127.0.0.1 --port 16379 --save "" --appendonly no --daemonize no \
+        >"$TMP/redis.log" 2>&1 &
+    BENCH_PID[redis]=$!; PIDS+=("$!")
+    bench_wait_tcp 16379 "${BENCH_PID[redis]}" || { echo "redis did not start" >&2; tail -5 "$TMP/redis.log" >&2; exit 1; }
 fi
-# One worker thread, like nginx's one worker process: the same CPU budget.
-TOKIO_WORKER_THREADS=1 "$GATE" --config "$TMP/gate.toml" --log-level warn & PIDS+=($!)
-TOKIO_WORKER_THREADS=1 "$GATE" --config "$TMP/gate-auth.toml" --log-level warn & PIDS+=($!)
-[ -n "$RL" ] && { TOKIO_WORKER_THREADS=1 "$GATE" --config "$TMP/gate-rl.toml" --log-level warn & PIDS+=($!); }
-sleep 1
+bench_gate gate-mem "$TMP/gate-mem.toml" 19094
+bench_gate gate "$TMP/gate.toml" 19090
+bench_gate gate-auth "$TMP/gate-auth.toml" 19091
+bench_gate gate-log "$TMP/gate-log.toml" 19093 info "$TMP/gate-access.log"   # access log: info, to a file
+[ -n "$HAVE_REDIS" ] && bench_gate gate-rl "$TMP/gate-rl.toml" 19092
 
-run() {
-    local name="$1" url="$2"
-    wrk -t"$THREADS" -c"$CONNS" -d2s -H 'Cookie: session=bench; other=x' "$url" >/dev/null 2>&1 || true   # warm up
+# Sanity: every endpoint answers 200 with the cookie, the gate's auth refuses without it.
+for port in 18443 18444 18445 18446 19443 19444 19446 19447 ${HAVE_REDIS:+19445}; do
+    code="$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 -H "$COOKIE" "https://127.0.0.1:$port/")"
+    [ "$code" = 200 ] || { echo "https://127.0.0.1:$port/ answered $code, not 200" >&2; exit 1; }
+done
+code="$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 "https://127.0.0.1:19444/")"
+case "$code" in 200|000) echo "the auth gate answered $code without a cookie: auth is not enforced" >&2; exit 1 ;; esac
+
+# ---------------------------------------------------------------- helpers
+nginx_pids() { echo "$1" $(ps -o pid= --ppid "$1"); }               # master + workers
+cpu_ticks() { local p; for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null || true; done | awk '{sub(/^.*\) /, ""); t += $12 + $13} END {print t + 0}'; }
+rss_kb() { local p; for p in "$@"; do cat "/proc/$p/status" 2>/dev/null || true; done | awk '/^VmRSS:/ {s += $2} END {print s + 0}'; }
+metric() { awk -v re="$2" '$0 !~ /^#/ && $1 ~ re {s += $NF} END {print s + 0}' "$1"; }   # FILE NAME_REGEX: sum
+scrape() { curl -s --max-time 5 "http://127.0.0.1:$1/metrics" > "$2" || : > "$2"; }
+calc() { awk "BEGIN { x = $1; printf \"%.${2:-2}f\", x }" 2>/dev/null || echo n/a; }
+has() { local v; for v in "$@"; do [ -n "$v" ] && [ "$v" != n/a ] || return 1; done; }
+CLK_TCK="$(getconf CLK_TCK)"
+
+declare -A RPS=() P99=() REQS=() CPU=() VALID=() NOTE=() PROTO=()
+to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
+    if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000; printf "%.2f", n }'; }
+
+# wrk_run KEY NAME URL ADMIN_PORT|- PID...: 2 s warm-up, then the measured run; CPU of the PIDs
+# and the gate's metrics (ADMIN_PORT) are read right before and right after the measured run,
+# and $WRK_HOOK (a function name, if set) is called with 0 before and 1 after it.
+WRK_HOOK=
+wrk_run() {
+    local key="$1" name="$2" url="$3" admin="$4" out="$TMP/wrk-$1.out" t0 t1 n2xx sock p
+    shift 4
+    wrk -t"$THREADS" -c"$CONNS" -d2s -H "$COOKIE" "$url" >/dev/null 2>&1 || true   # warm up
+    [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 0
+    [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-0"
+    t0="$(cpu_ticks "$@")"
+    wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -H "$COOKIE" "$url" >"$out" 2>&1 || true
+    t1="$(cpu_ticks "$@")"
+    [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-1"
+    [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 1
     echo "== $name ($url, $CONNS connections, $DURATION)"
-    wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -H 'Cookie: session=bench; other=x' "$url" \
-        | grep -E 'Requests/sec|Latency|50%|99%|Non-2xx'
+    grep -E 'requests in|Requests/sec|Latency|50%|99%|Non-2xx|Socket errors' "$out" || cat "$out"
+    REQS[$key]="$(awk '/ requests in / {print $1; exit}' "$out")"
+    RPS[$key]="$(awk '/^Requests\/sec:/ {printf "%d", $2; exit}' "$out")"
+    P99[$key]="$(to_ms "$(awk '$1 == "99%" {print $2; exit}' "$out")")"
+    n2xx="$(awk -F: '/Non-2xx or 3xx/ {gsub(/ /, "", $2); print $2}' "$out")"
+    sock="$(awk '/Socket errors/ {sub(/^ *Socket errors: */, ""); print}' "$out")"
+    VALID[$key]=1; NOTE[$key]=""
+    if ! has "${REQS[$key]}" || [ "${REQS[$key]}" -eq 0 ]; then
+        VALID[$key]=; NOTE[$key]="wrk failed: $(tail -1 "$out")"; RPS[$key]=n/a; P99[$key]=n/a; CPU[$key]=n/a; return
+    fi
+    [ -n "$n2xx" ] && [ "$n2xx" != 0 ] && { VALID[$key]=; NOTE[$key]+="$n2xx non-2xx answers; "; }
+    [ -n "$sock" ] && NOTE[$key]+="socket errors: $sock; "
+    case "$sock" in connect\ [1-9]*) VALID[$key]= ;; esac
+    CPU[$key]="$(calc "($t1 - $t0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 1)"
+    for p in "$@"; do bench_alive "$p" || { VALID[$key]=; NOTE[$key]+="process $p exited during the run; "; }; done
 }
-run "nginx proxy" "https://127.0.0.1:18443/"
-run "chatkit-gate proxy" "https://127.0.0.1:19443/"
-run "nginx proxy + auth_request" "https://127.0.0.1:18444/"
-run "chatkit-gate proxy + auth (cached)" "https://127.0.0.1:19444/"
-[ -n "$RL" ] && run "chatkit-gate proxy + auth + Redis rate limit" "https://127.0.0.1:19445/"
+
+# h2_run KEY NAME URL: h2load over TLS (ALPN h2), 2 s warm-up, then the measured run.
+h2_run() {
+    local key="$1" name="$2" url="$3" out="$TMP/h2-$1.out" failed codes
+    h2load -c"$H2_CLIENTS" -m"$H2_STREAMS" -D 2 -H "$COOKIE" "$url" >/dev/null 2>&1 || true   # warm up
+    h2load -c"$H2_CLIENTS" -m"$H2_STREAMS" -D "$DUR_S" -H "$COOKIE" "$url" >"$out" 2>&1 || true
+    echo "== $name ($url, h2load -c$H2_CLIENTS -m$H2_STREAMS -D $DUR_S)"
+    grep -E '^(Application protocol|finished in|requests:|status codes:)' "$out" || tail -3 "$out"
+    PROTO[$key]="$(awk -F': ' '/^Application protocol:/ {print $2; exit}' "$out")"
+    RPS[$key]="$(awk '/^finished in/ {printf "%d", $4; exit}' "$out")"
+    failed="$(awk '/^requests:/ {for (i = 1; i < NF; i++) if ($(i + 1) ~ /^(failed|errored|timeout)/) s += $i; print s + 0}' "$out")"
+    codes="$(awk '/^status codes:/ {print $5 + $7 + $9; exit}' "$out")"   # 3xx + 4xx + 5xx
+    VALID[$key]=1; NOTE[$key]="protocol ${PROTO[$key]:-unknown}"
+    has "${RPS[$key]}" || { RPS[$key]=n/a; VALID[$key]=; }
+    [ "${PROTO[$key]}" = h2 ] || { VALID[$key]=; NOTE[$key]+=" (not h2!)"; }
+    [ "${failed:-0}" = 0 ] || { VALID[$key]=; NOTE[$key]+=", $failed failed"; }
+    [ "${codes:-0}" = 0 ] || { VALID[$key]=; NOTE[$key]+=", $codes non-2xx"; }
+}
+
+# mem_probe NAME PORT ADMIN|- PIDS_FN ARG: RSS idle (before), with MEM_CONNS idle connections,
+# and (in the background, by PID) SETTLE seconds after they closed.
+declare -A RSS_PRE=() RSS_LOAD=() RSS_AFTER_PID=() MEM_NOTE=()
+mem_probe() {
+    local name="$1" port="$2" admin="$3" pidfn="$4" arg="$5" ic i pids open
+    pids="$($pidfn "$arg")"
+    RSS_PRE[$name]="$(rss_kb $pids)"
+    python3 bench/idle_conns.py --port "$port" -n "$MEM_CONNS" --hold "$MEM_HOLD" >"$TMP/idle-$name.out" 2>&1 &
+    ic=$!; PIDS+=("$ic")
+    for i in $(seq 1200); do   # up to 120 s for the handshakes
+        grep -q '^ready' "$TMP/idle-$name.out" && break
+        bench_alive "$ic" || break
+        sleep 0.1
+    done
+    sleep 1
+    pids="$($pidfn "$arg")"
+    RSS_LOAD[$name]="$(rss_kb $pids)"
+    open=""
+    [ "$admin" != - ] && { scrape "$admin" "$TMP/m-mem-$name"; open=", gate reports $(metric "$TMP/m-mem-$name" '^chatkit_gate_connections_open$') open"; }
+    for i in $(seq $(( (MEM_HOLD + 30) * 10 ))); do bench_alive "$ic" || break; sleep 0.1; done
+    bench_alive "$ic" && kill -TERM "$ic"
+    wait "$ic" 2>/dev/null || true
+    MEM_NOTE[$name]="$(grep -E '^(ready|held|  error)' "$TMP/idle-$name.out" | paste -sd';' | sed 's/;/; /g' || true)$open"
+    echo "== memory $name: VmRSS idle ${RSS_PRE[$name]} kB, with $MEM_CONNS idle TLS connections ${RSS_LOAD[$name]} kB (${MEM_NOTE[$name]})"
+    ( trap - EXIT INT TERM; read -rt "$SETTLE" <> <(:) || :; rss_kb $($pidfn "$arg") > "$TMP/rss-after-$name" ) &
+    RSS_AFTER_PID[$name]=$!; PIDS+=("$!")
+}
+one_pid() { echo "$1"; }
+
+# ---------------------------------------------------------------- measurements
+echo "Command: $INVOKED"
+echo "gate $("$GATE" --version 2>/dev/null | head -1) ($GATE); $(nginx -v 2>&1 | sed 's/^nginx version: //'); wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'); $(h2load --version | head -1)"
+
+# 7. Memory first, on the two fresh processes nobody else touches; the after-close samples are
+#    taken in the background while the throughput rows run on the other processes.
+mem_probe gate 19447 19094 one_pid "${BENCH_PID[gate-mem]}"
+mem_probe nginx 18446 - nginx_pids "${BENCH_PID[nginx-mem]}"
+
+NGX_PROXY="$(nginx_pids "${BENCH_PID[proxy]}")"
+declare -A LOGLINES=()   # access-log lines at the start (0) and end (1) of the measured run
+count_gate_log() { [ "$1" = 1 ] && sleep 0.5; LOGLINES[g$1]="$(grep -c '"message":"request"' "$TMP/gate-access.log" || true)"; }
+count_nginx_log() { LOGLINES[n$1]="$(cat "$TMP/nginx-access.log" 2>/dev/null | wc -l)"; }
+# 1, 2, 3, 5, 6. Runs compared in one row follow each other where they can (the machine drifts):
+# nginx log on | nginx plain | gate plain | gate log on | gate auth | nginx auth | gate auth + Redis.
+WRK_HOOK=count_nginx_log
+wrk_run nlog "nginx proxy, access_log to a file" "https://127.0.0.1:18445/" - $NGX_PROXY
+WRK_HOOK=
+wrk_run nplain "nginx proxy" "https://127.0.0.1:18443/" - $NGX_PROXY
+wrk_run gplain "chatkit-gate proxy" "https://127.0.0.1:19443/" 19090 "${BENCH_PID[gate]}"
+WRK_HOOK=count_gate_log
+wrk_run glog "chatkit-gate proxy, --log-level info (access log to a file)" "https://127.0.0.1:19446/" 19093 "${BENCH_PID[gate-log]}"
+WRK_HOOK=
+wrk_run gauth "chatkit-gate proxy + auth (cached)" "https://127.0.0.1:19444/" 19091 "${BENCH_PID[gate-auth]}"
+wrk_run nauth "nginx proxy + auth_request" "https://127.0.0.1:18444/" - $NGX_PROXY
+[ -n "$HAVE_REDIS" ] && wrk_run grl "chatkit-gate proxy + auth + Redis rate limit" "https://127.0.0.1:19445/" 19092 "${BENCH_PID[gate-rl]}"
+# 4: HTTP/2 from the client.
+h2_run nh2 "nginx proxy, HTTP/2" "https://127.0.0.1:18443/"
+h2_run gh2 "chatkit-gate proxy, HTTP/2" "https://127.0.0.1:19443/"
+
+for n in gate nginx; do
+    p="${RSS_AFTER_PID[$n]}"
+    bench_alive "$p" && echo "(waiting for the RSS sample $SETTLE s after close: $n)"
+    wait "$p" 2>/dev/null || true
+done
+RSS_AFTER_gate="$(cat "$TMP/rss-after-gate" 2>/dev/null || echo n/a)"
+RSS_AFTER_nginx="$(cat "$TMP/rss-after-nginx" 2>/dev/null || echo n/a)"
+LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
+
+# Checks from the gate's own metrics, over the measured runs only.
+delta() { echo $(( $(metric "$TMP/m-$1-1" "$2") - $(metric "$TMP/m-$1-0" "$2") )); }
+intro="$(delta gauth 'chatkit_gate_auth_decisions_total[{].*source="introspection"')"
+cached="$(delta gauth 'chatkit_gate_auth_decisions_total[{]result="allow",source="cache"')"
+[ "$intro" -le 1 ] || { VALID[gauth]=; NOTE[gauth]+="cache not warm: $intro introspection calls; "; }
+NOTE[gauth]+="$cached cache hits, $intro introspection calls"
+if [ -n "$HAVE_REDIS" ] && [ -n "${VALID[grl]:-}" ]; then
+    rl_redis="$(delta grl 'chatkit_gate_rate_limit_decisions_total[{].*source="redis"')"
+    rl_err="$(delta grl '^chatkit_gate_redis_errors_total$')"
+    NOTE[grl]+="$rl_redis decisions from Redis, $rl_err Redis errors"
+    [ "$rl_err" = 0 ] && [ "$rl_redis" -gt 0 ] || VALID[grl]=
+fi
+dropped="$(delta glog '^chatkit_gate_log_lines_dropped_total$')"
+NOTE[glog]+="$(( LOGLINES[g1] - LOGLINES[g0] )) access-log lines for ${REQS[glog]:-?} requests, $dropped dropped"
+[ "$dropped" = 0 ] || VALID[glog]=
+NOTE[nlog]+="$(( LOGLINES[n1] - LOGLINES[n0] )) access-log lines for ${REQS[nlog]:-?} requests"
+
+# ---------------------------------------------------------------- table
+fmt() { [ "$1" = n/a ] && { echo n/a; return; }; awk -v n="$1" 'BEGIN { s = sprintf("%d", n); o = "";
+    while (length(s) > 3) { o = "," substr(s, length(s) - 2) o; s = substr(s, 1, length(s) - 3) } print s o }'; }
+mib() { has "$1" && calc "$1 / 1024" 1 || echo n/a; }
+ratio() { has "$1" "$2" && [ "$2" != 0 ] && echo "$(calc "$1 / $2")×" || echo n/a; }
+# verdict CONDITION KEY...: PASS/FAIL on an awk condition; INVALID when a run it uses was not clean.
+verdict() {
+    local cond="$1" k; shift
+    for k in "$@"; do [ -n "${VALID[$k]:-}" ] || { echo INVALID; return; }; done
+    [[ "$cond" == *n/a* ]] && { echo n/a; return; }
+    awk "BEGIN { exit !($cond) }" && echo PASS || echo FAIL
+}
+ROWS=()
+row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
+
+g="${RPS[gplain]}"; n="${RPS[nplain]}"
+row 1a "plain HTTPS/1.1 keep-alive proxy, req/s (wrk -t1 -c$CONNS)" "$(fmt "$n")" "$(fmt "$g")" "$(ratio "$g" "$n")" "gate ≥ 1.3× nginx" \
+    "$(verdict "$g >= 1.3 * $n" nplain gplain)"
+row 1b "plain proxy, p99 latency" "${P99[nplain]} ms" "${P99[gplain]} ms" "$(ratio "${P99[gplain]}" "${P99[nplain]}")" "gate ≤ nginx" \
+    "$(verdict "${P99[gplain]} <= ${P99[nplain]}" nplain gplain)"
+g="${RPS[gauth]}"; n="${RPS[nauth]}"
+row 2a "authenticated, req/s (gate: warm decision cache; nginx: auth_request)" "$(fmt "$n")" "$(fmt "$g")" "$(ratio "$g" "$n")" "gate ≥ 3× nginx" \
+    "$(verdict "$g >= 3 * $n" nauth gauth)"
+row 2b "authenticated ÷ plain, same server" "$(ratio "${RPS[nauth]}" "${RPS[nplain]}")" "$(ratio "${RPS[gauth]}" "${RPS[gplain]}")" "—" "gate auth ≥ 0.95× gate plain" \
+    "$(verdict "${RPS[gauth]} >= 0.95 * ${RPS[gplain]}" gauth gplain)"
+if [ -n "$HAVE_REDIS" ]; then
+    row 3 "gate auth + Redis rate limit, req/s (ratio: ÷ gate auth)" "—" "$(fmt "${RPS[grl]}")" "$(ratio "${RPS[grl]}" "${RPS[gauth]}")" "— (informational)" \
+        "$([ -n "${VALID[grl]:-}" ] && echo info || echo INVALID)"
+else
+    row 3 "gate auth + Redis rate limit" "—" "skipped (no redis-server)" "—" "— (informational)" "—"
+fi
+g="${RPS[gh2]}"; n="${RPS[nh2]}"
+row 4 "HTTP/2 over TLS, req/s (h2load -c$H2_CLIENTS -m$H2_STREAMS, ALPN ${PROTO[nh2]:-?}/${PROTO[gh2]:-?})" "$(fmt "$n")" "$(fmt "$g")" "$(ratio "$g" "$n")" "gate ≥ nginx" \
+    "$(verdict "$g >= $n" nh2 gh2)"
+row 5 "access log on ÷ off, req/s (gate: info vs warn; nginx: access_log file vs off, reference)" \
+    "$(ratio "${RPS[nlog]}" "${RPS[nplain]}") ($(fmt "${RPS[nlog]}") / $(fmt "${RPS[nplain]}"))" \
+    "$(ratio "${RPS[glog]}" "${RPS[gplain]}") ($(fmt "${RPS[glog]}") / $(fmt "${RPS[gplain]}"))" "—" "gate on ≥ 0.9× off" \
+    "$(verdict "${RPS[glog]} >= 0.9 * ${RPS[gplain]}" glog gplain)"
+row 6a "CPU per request, plain (µs, utime+stime ÷ requests)" "${CPU[nplain]}" "${CPU[gplain]}" "$(ratio "${CPU[gplain]}" "${CPU[nplain]}")" "gate ≤ nginx" \
+    "$(verdict "${CPU[gplain]} <= ${CPU[nplain]}" nplain gplain)"
+row 6b "CPU per request, authenticated (µs)" "${CPU[nauth]}" "${CPU[gauth]}" "$(ratio "${CPU[gauth]}" "${CPU[nauth]}")" "gate ≤ nginx" \
+    "$(verdict "${CPU[gauth]} <= ${CPU[nauth]}" nauth gauth)"
+VALID[mem]=1
+grep -q "^held open=$MEM_CONNS of $MEM_CONNS" "$TMP/idle-gate.out" || VALID[mem]=
+VALID[nmem]=1
+grep -q "^held open=$MEM_CONNS of $MEM_CONNS" "$TMP/idle-nginx.out" || VALID[nmem]=
+g="${RSS_PRE[gate]}"; n="${RSS_PRE[nginx]}"
+row 7a "RSS idle right after start (MiB; nginx: master+worker)" "$(mib "$n")" "$(mib "$g")" "$(ratio "$g" "$n")" "gate ≤ 12 MiB" \
+    "$(verdict "$g <= 12 * 1024" mem)"
+g="${RSS_LOAD[gate]}"; n="${RSS_LOAD[nginx]}"
+row 7b "RSS with $MEM_CONNS idle TLS keep-alive connections (MiB)" "$(mib "$n")" "$(mib "$g")" "$(ratio "$g" "$n")" "gate ≤ 32 MiB" \
+    "$(verdict "$g <= 32 * 1024" mem)"
+gk="$(calc "(${RSS_LOAD[gate]} - ${RSS_PRE[gate]}) / $MEM_CONNS" 1)"; nk="$(calc "(${RSS_LOAD[nginx]} - ${RSS_PRE[nginx]}) / $MEM_CONNS" 1)"
+row 7c "memory per idle connection (KiB, (RSS_$MEM_CONNS − RSS_idle) ÷ $MEM_CONNS)" "$nk" "$gk" "$(ratio "$gk" "$nk")" "— (informational)" \
+    "$([ -n "${VALID[mem]:-}" ] && echo info || echo INVALID)"
+g="$RSS_AFTER_gate"; n="$RSS_AFTER_nginx"
+pct() { has "$1" "$2" && echo "$(calc "($1 - $2) * 100 / $2" 0)%" || echo n/a; }
+row 7d "RSS $SETTLE s after the connections closed (MiB; % vs idle before)$([ -n "${BENCH_QUICK:-}" ] && echo ' — BENCH_QUICK: 5 s, not 60 s')" \
+    "$(mib "$n") ($(pct "$n" "${RSS_PRE[nginx]}"))" "$(mib "$g") ($(pct "$g" "${RSS_PRE[gate]}"))" "$(ratio "$g" "$n")" "gate within 20% of before" \
+    "$(verdict "$g <= 1.2 * ${RSS_PRE[gate]} && $g >= 0.8 * ${RSS_PRE[gate]}" mem)"
+
+echo
+echo "## chatkit-gate vs nginx"
+echo
+echo "Machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average $LOAD_START at start, $LOAD_END at end"
+echo "Command: \`$INVOKED\` (duration $DURATION, $CONNS connections, wrk -t$THREADS; one nginx worker, TOKIO_WORKER_THREADS=1; $(( SECONDS - START_S )) s)"
+echo
+echo "| # | row | nginx | gate | ratio (gate ÷ nginx) | goal | result |"
+echo "|---|---|---|---|---|---|---|"
+printf '%s\n' "${ROWS[@]}"
+echo
+echo "Notes (INVALID = a run the row uses was not clean; see the raw output above):"
+declare -A LABEL=([nplain]="1 nginx plain" [gplain]="1 gate plain" [nauth]="2 nginx auth_request"
+    [gauth]="2 gate auth" [grl]="3 gate auth + Redis" [nh2]="4 nginx HTTP/2" [gh2]="4 gate HTTP/2"
+    [glog]="5 gate access log on" [nlog]="5 nginx access log on")
+for k in nplain gplain nauth gauth grl nh2 gh2 glog nlog; do
+    [ -n "${NOTE[$k]:-}" ] && echo "- ${LABEL[$k]}: ${NOTE[$k]%; }"
+done
+echo "- 7 gate (fresh process, port 19447): ${MEM_NOTE[gate]}"
+echo "- 7 nginx (fresh process, port 18446): ${MEM_NOTE[nginx]}"

@@ -14,6 +14,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
+use crate::pool::Lent;
+
 /// Errors a streamed body can yield.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -23,6 +25,8 @@ pin_project! {
         Empty,
         Full { data: Option<Bytes> },
         Incoming { #[pin] body: Incoming },
+        // An answer of the app: its connection goes back to the pool when the body has ended.
+        App { #[pin] body: Incoming, lent: Option<Lent> },
         Upload { upload: Upload },
     }
 }
@@ -113,7 +117,13 @@ pin_project! {
 
     impl PinnedDrop for GateBody {
         fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
+            let mut this = this.project();
+            if let KindProj::App { body, lent } = this.kind.as_mut().project()
+                && body.is_end_stream()
+                && let Some(lent) = lent.take()
+            {
+                lent.give_back();
+            }
             if let Some(mut guard) = this.guard.take() {
                 let end = if kind_ended(this.kind.as_ref().get_ref()) { BodyEnd::Complete } else { BodyEnd::ClientAborted };
                 guard.finished(end);
@@ -141,7 +151,7 @@ fn kind_ended(kind: &Kind) -> bool {
     match kind {
         Kind::Empty => true,
         Kind::Full { data } => data.is_none(),
-        Kind::Incoming { body } => body.is_end_stream(),
+        Kind::Incoming { body } | Kind::App { body, .. } => body.is_end_stream(),
         Kind::Upload { upload } => {
             let end = upload.body.is_end_stream();
             if end {
@@ -170,6 +180,11 @@ impl GateBody {
         GateBody { kind: Kind::Incoming { body }, guard: None, ending: None }
     }
 
+    /// An answer of the app; `lent` is given back to the pool once the body has ended.
+    pub fn from_app(body: Incoming, lent: Lent) -> Self {
+        GateBody { kind: Kind::App { body, lent: Some(lent) }, guard: None, ending: None }
+    }
+
     /// A client's request body on its way to the app, watched: no progress for `timeout` ends
     /// it with an error, and [`UploadState`] tells the sender when it is sent or why it failed.
     pub fn upload(body: Incoming, timeout: Duration) -> Self {
@@ -194,7 +209,7 @@ impl GateBody {
 
     /// Streamed from a peer (not an answer of our own).
     pub fn is_streamed(&self) -> bool {
-        matches!(self.kind, Kind::Incoming { .. })
+        matches!(self.kind, Kind::Incoming { .. } | Kind::App { .. })
     }
 
     /// Tell `guard` how this body ends. A body that already has a guard keeps it: both are
@@ -229,6 +244,18 @@ impl Body for GateBody {
             KindProj::Empty => Poll::Ready(None),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Incoming { body } => body.poll_frame(cx).map_err(Into::into),
+            KindProj::App { mut body, lent } => {
+                let polled = body.as_mut().poll_frame(cx);
+                let ended = match &polled {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                    _ => false,
+                };
+                if ended && let Some(lent) = lent.take() {
+                    lent.give_back();
+                }
+                polled.map_err(Into::into)
+            }
             KindProj::Upload { upload } => upload.poll_frame(cx),
         };
         if let Some(guard) = this.guard.as_mut() {
@@ -266,7 +293,7 @@ impl Body for GateBody {
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Kind::Incoming { body } => body.size_hint(),
+            Kind::Incoming { body } | Kind::App { body, .. } => body.size_hint(),
             Kind::Upload { upload } => upload.body.size_hint(),
         }
     }

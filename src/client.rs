@@ -1,11 +1,12 @@
 //! Outbound HTTPS clients (the introspection URL, the ChatKit API): public web PKI roots plus an
 //! optional extra CA, ALPN h2/http1.1, one pooled keep-alive client per destination.
 
-use std::io::BufReader;
 use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -29,8 +30,8 @@ pub struct ClientOptions<'a> {
 /// Add the PEM certificates of `path`; an unreadable file or one without a usable certificate is
 /// an error (in words safe to show).
 pub fn load_ca(roots: &mut rustls::RootCertStore, path: &Path) -> Result<usize, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(file))
+    let pem = std::fs::read(path).map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
     if certs.is_empty() {

@@ -17,6 +17,7 @@ pub mod error;
 pub mod https;
 pub mod hygiene;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;

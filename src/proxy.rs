@@ -480,11 +480,11 @@ impl Gateway {
     ) -> Result<Response<GateBody>, GateError> {
         let client_upgrade = if asked.is_some() { parts.extensions.remove::<OnUpgrade>() } else { None };
         upstream::set_forwarding_headers(&mut parts.headers, f);
-        parts.uri = self.upstream.uri_for(parts.uri.path_and_query())?;
+        parts.uri = self.upstream.uri_for(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
         let req = Request::from_parts(parts, body);
 
-        let mut resp = self.upstream.send(req).await?;
+        let (mut resp, lent) = self.upstream.send(req).await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (Some(asked), Some(client)) = (asked, client_upgrade) else {
                 tracing::warn!("app answered 101 to a request that did not ask to upgrade");
@@ -515,7 +515,7 @@ impl Gateway {
         }
         let (mut parts, body) = resp.into_parts();
         upstream::remove_hop_by_hop(&mut parts.headers, false);
-        Ok(Response::from_parts(parts, GateBody::incoming(body)))
+        Ok(Response::from_parts(parts, GateBody::from_app(body, lent)))
     }
 }
 

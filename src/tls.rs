@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -54,15 +55,17 @@ pub fn server_config_from_pem(
     cert_name: &str,
     key_name: &str,
 ) -> Result<Loaded, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Pem { path: cert_name.to_string(), message: e.to_string() })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate(cert_name.to_string()));
     }
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| TlsError::Pem { path: key_name.to_string(), message: e.to_string() })?
-        .ok_or_else(|| TlsError::NoKey(key_name.to_string()))?;
+    let key: PrivateKeyDer<'static> = match PrivateKeyDer::from_pem_slice(key_pem) {
+        Ok(key) => key,
+        Err(pem::Error::NoItemsFound) => return Err(TlsError::NoKey(key_name.to_string())),
+        Err(e) => return Err(TlsError::Pem { path: key_name.to_string(), message: e.to_string() }),
+    };
     let not_after =
         x509_parser::parse_x509_certificate(&certs[0]).ok().map(|(_, c)| c.validity().not_after.timestamp());
     let mut config = ServerConfig::builder_with_provider(provider())

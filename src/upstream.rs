@@ -2,23 +2,19 @@
 //! and its answer carry (hop-by-hop removed, `X-Forwarded-*` and `X-Request-Id` set).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use http::header::{CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 
 use crate::body::{GateBody, UploadFailure};
 use crate::config::UpstreamSettings;
 use crate::error::GateError;
 use crate::metrics::Metrics;
+use crate::pool::{AppPool, Lent, PoolOptions, SendError};
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -53,55 +49,43 @@ pub(crate) fn drop_length_beside_chunked(headers: &mut HeaderMap) {
     }
 }
 
-/// The pooled client to the app.
+/// The app behind the gate: its connection pool and timeouts.
 pub struct Upstream {
-    /// Replaced (rarely: only when the app announces a shorter keep-alive) by a client whose
-    /// pool expires idle connections before the app closes them.
-    client: RwLock<Client<HttpConnector, GateBody>>,
-    /// The pool's idle timeout now, in ms.
-    pool_idle_ms: AtomicU64,
-    connector: HttpConnector,
-    max_idle: usize,
-    /// Never pools: the one retry after a pooled connection failed goes out on a new one.
-    fresh: Client<HttpConnector, GateBody>,
-    scheme: Scheme,
-    authority: Authority,
+    pool: AppPool,
     timeout: Duration,
     metrics: Metrics,
     retries: prometheus::IntCounter,
+    upstream_duration: prometheus::Histogram,
 }
 
 impl Upstream {
     pub fn new(settings: &UpstreamSettings, metrics: Metrics) -> anyhow::Result<Upstream> {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(settings.connect_timeout));
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let authority =
-            settings.url.authority().cloned().ok_or_else(|| anyhow::anyhow!("upstream.url: URL has no host"))?;
-        let max_idle = settings.pool_max_idle_per_host;
+        let authority: &Authority =
+            settings.url.authority().ok_or_else(|| anyhow::anyhow!("upstream.url: URL has no host"))?;
+        if settings.url.scheme() != Some(&Scheme::HTTP) {
+            anyhow::bail!("upstream.url: only http:// is supported");
+        }
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(80);
+        let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let pool = AppPool::new(PoolOptions {
+            target,
+            connect_timeout: settings.connect_timeout,
+            idle_timeout: settings.pool_idle_timeout,
+            max_idle: settings.pool_max_idle_per_host,
+        });
         Ok(Upstream {
-            client: RwLock::new(pooled_client(&http, settings.pool_idle_timeout, max_idle)),
-            pool_idle_ms: AtomicU64::new(settings.pool_idle_timeout.as_millis() as u64),
-            fresh: pooled_client(&http, settings.pool_idle_timeout, 0),
-            connector: http,
-            max_idle,
-            scheme: settings.url.scheme().cloned().unwrap_or(Scheme::HTTP),
-            authority,
+            pool,
             timeout: settings.timeout,
             retries: metrics.upstream_retries.with_label_values(&["app"]),
+            upstream_duration: metrics.upstream_duration.clone(),
             metrics,
         })
     }
 
-    /// The app's URI for a request path.
-    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, GateError> {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")))
-            .build()
-            .map_err(|_| GateError::BadRequest("Invalid request"))
+    /// The request target sent to the app: origin-form (`/path?query`).
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        Uri::from(path_and_query.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")))
     }
 
     /// Send a prepared request. `upstream.timeout` runs from when the request body has been
@@ -109,12 +93,14 @@ impl Upstream {
     /// bodiless idempotent request whose pooled connection was closed under it is sent once more
     /// on a fresh connection. A failed client body is the client's error (408 or 400), not the
     /// app's.
-    pub async fn send(&self, req: Request<GateBody>) -> Result<Response<Incoming>, GateError> {
+    pub async fn send(&self, req: Request<GateBody>) -> Result<(Response<Incoming>, Lent), GateError> {
         let upload = req.body().upload_state();
         let replay = replayable(&req).then(|| crate::client::replay_of(&req));
         let started = Instant::now();
-        let client = self.client.read().unwrap_or_else(PoisonError::into_inner).clone();
-        let exchange = crate::client::send_with_retry(&client, &self.fresh, req, replay, &self.retries);
+        let exchange = self.pool.send(req, replay, |e| {
+            self.retries.inc();
+            tracing::debug!(error = %e, "pooled connection closed before answering: retrying on a fresh one");
+        });
         tokio::pin!(exchange);
         let early = match &upload {
             Some(up) if !up.is_sent() => tokio::select! {
@@ -127,13 +113,13 @@ impl Upstream {
             Some(r) => Ok(r),
             None => tokio::time::timeout(self.timeout, exchange).await,
         };
-        self.metrics.upstream_duration.observe(started.elapsed().as_secs_f64());
+        self.upstream_duration.observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(resp)) => {
-                if let Some(secs) = keep_alive_timeout(resp.headers()) {
+            Ok(Ok(answer)) => {
+                if let Some(secs) = keep_alive_timeout(answer.0.headers()) {
                     self.learn_keep_alive(secs);
                 }
-                Ok(resp)
+                Ok(answer)
             }
             Ok(Err(e)) => {
                 if let Some(failure) = upload.as_ref().and_then(|up| up.failure()) {
@@ -158,16 +144,11 @@ impl Upstream {
         let app_ms = secs.saturating_mul(1000);
         // Expire a second before the app does, or at half its timeout when that is shorter.
         let target = app_ms.saturating_sub(1000).max(app_ms / 2).max(100);
-        if target >= self.pool_idle_ms.load(Ordering::Relaxed) {
+        let before = self.pool.idle_timeout().as_millis() as u64;
+        if target >= before {
             return;
         }
-        let mut client = self.client.write().unwrap_or_else(PoisonError::into_inner);
-        if target >= self.pool_idle_ms.load(Ordering::Relaxed) {
-            return;
-        }
-        *client = pooled_client(&self.connector, Duration::from_millis(target), self.max_idle);
-        let before = self.pool_idle_ms.swap(target, Ordering::Relaxed);
-        drop(client);
+        self.pool.set_idle_timeout(Duration::from_millis(target));
         tracing::info!(
             app_keep_alive_s = secs,
             pool_idle_ms = target,
@@ -176,7 +157,7 @@ impl Upstream {
         );
     }
 
-    fn client_body_failed(&self, failure: UploadFailure, e: &hyper_util::client::legacy::Error) -> GateError {
+    fn client_body_failed(&self, failure: UploadFailure, e: &SendError) -> GateError {
         let (kind, answer) = match failure {
             UploadFailure::Timeout => ("timeout", GateError::RequestTimeout),
             UploadFailure::Malformed => ("malformed", GateError::BadRequest("Bad request")),
@@ -185,15 +166,6 @@ impl Upstream {
         tracing::info!(kind, error = %error_chain(e), "client request body failed: app connection released");
         answer
     }
-}
-
-fn pooled_client(http: &HttpConnector, idle: Duration, max_idle: usize) -> Client<HttpConnector, GateBody> {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(idle)
-        .pool_max_idle_per_host(max_idle)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(http.clone())
 }
 
 /// `N` of a response's `Keep-Alive: timeout=N` (RFC 2068 §19.7.1, still sent by many servers).

@@ -1,0 +1,262 @@
+//! Keep-alive HTTP/1.1 connections to the app, driven through hyper's connection API.
+//!
+//! A request takes the most recently used idle connection that is ready, or opens one. The
+//! connection comes back when its answer's body has been read to the end (the body carries it,
+//! see [`crate::body::GateBody::from_app`]): no task per request, no channel hop, no hashing.
+//! Idle connections older than the idle timeout are never reused and are closed by a reaper.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::body::GateBody;
+
+/// Why a request did not get an answer from the app.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened (refused, unreachable, DNS, `connect_timeout`).
+    #[error("connect to {target}: {reason}")]
+    Connect { target: String, reason: String },
+    /// The exchange failed on an open connection.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+impl SendError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect { .. })
+    }
+
+    /// The peer closed the connection before any answer arrived (an idle keep-alive connection
+    /// closed by the app just as it was reused).
+    fn is_stale(&self) -> bool {
+        match self {
+            SendError::Connect { .. } => false,
+            SendError::Http(e) => {
+                if e.is_incomplete_message() || e.is_canceled() {
+                    return true;
+                }
+                let mut source = std::error::Error::source(e);
+                while let Some(inner) = source {
+                    if let Some(io) = inner.downcast_ref::<std::io::Error>()
+                        && matches!(
+                            io.kind(),
+                            std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::ConnectionAborted
+                                | std::io::ErrorKind::BrokenPipe
+                                | std::io::ErrorKind::UnexpectedEof
+                        )
+                    {
+                        return true;
+                    }
+                    source = inner.source();
+                }
+                false
+            }
+        }
+    }
+}
+
+/// How the pool connects and keeps connections.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// `host:port` of the app (resolved on each new connection).
+    pub target: String,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+/// The app's connection pool. Cheap to share (`Arc` inside).
+#[derive(Clone)]
+pub struct AppPool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    opts: PoolOptions,
+    /// Most recently returned last.
+    idle: Mutex<Vec<Idle>>,
+    idle_ms: AtomicU64,
+    reaper: AtomicBool,
+}
+
+struct Idle {
+    tx: http1::SendRequest<GateBody>,
+    since: Instant,
+}
+
+/// A connection lent to one exchange; given back with [`Lent::give_back`] once its answer's
+/// body has ended, dropped (and so closed) otherwise.
+pub struct Lent {
+    pool: Weak<Inner>,
+    tx: http1::SendRequest<GateBody>,
+}
+
+impl Lent {
+    pub fn give_back(self) {
+        if let Some(pool) = self.pool.upgrade() {
+            Inner::put(&pool, self.tx);
+        }
+    }
+}
+
+impl AppPool {
+    pub fn new(opts: PoolOptions) -> AppPool {
+        let idle_ms = opts.idle_timeout.as_millis() as u64;
+        AppPool {
+            inner: Arc::new(Inner {
+                idle: Mutex::new(Vec::with_capacity(opts.max_idle.min(64))),
+                idle_ms: AtomicU64::new(idle_ms),
+                reaper: AtomicBool::new(false),
+                opts,
+            }),
+        }
+    }
+
+    /// The idle timeout now.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.inner.idle_ms.load(Ordering::Relaxed))
+    }
+
+    /// Expire idle connections after `idle` from now on (connections idle longer are dropped).
+    pub fn set_idle_timeout(&self, idle: Duration) {
+        self.inner.idle_ms.store(idle.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Idle connections kept now (for tests and the reaper).
+    pub fn idle_count(&self) -> usize {
+        self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Send `req`. On a reused connection that turns out closed before answering, the request
+    /// goes out once more on a new connection: itself when it was never written, else `replay`
+    /// (a bodiless copy) when given. `retried` is called when that happens.
+    pub async fn send(
+        &self,
+        req: Request<GateBody>,
+        replay: Option<Request<GateBody>>,
+        retried: impl FnOnce(&SendError),
+    ) -> Result<(Response<Incoming>, Lent), SendError> {
+        let (mut tx, reused) = match self.inner.take() {
+            Some(tx) => (tx, true),
+            None => (self.connect().await?, false),
+        };
+        match tx.try_send_request(req).await {
+            Ok(resp) => Ok((resp, self.lend(tx))),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                let error = SendError::Http(e.into_error());
+                let again = match (reused && error.is_stale(), unsent, replay) {
+                    (true, Some(req), _) | (true, None, Some(req)) => req,
+                    _ => return Err(error),
+                };
+                retried(&error);
+                drop(tx);
+                let mut tx = self.connect().await?;
+                let resp = tx.send_request(again).await?;
+                Ok((resp, self.lend(tx)))
+            }
+        }
+    }
+
+    fn lend(&self, tx: http1::SendRequest<GateBody>) -> Lent {
+        Lent { pool: Arc::downgrade(&self.inner), tx }
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<GateBody>, SendError> {
+        let opts = &self.inner.opts;
+        let failed = |reason: String| SendError::Connect { target: opts.target.clone(), reason };
+        let stream = tokio::time::timeout(opts.connect_timeout, connect_any(&opts.target))
+            .await
+            .map_err(|_| failed(format!("timed out after {} ms", opts.connect_timeout.as_millis())))?
+            .map_err(|e| failed(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream)
+            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)));
+        let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "app connection ended with an error");
+            }
+        });
+        Inner::start_reaper(&self.inner);
+        Ok(tx)
+    }
+}
+
+impl Inner {
+    /// The most recently used ready connection; closed and expired ones are dropped on the way.
+    fn take(&self) -> Option<http1::SendRequest<GateBody>> {
+        let now = Instant::now();
+        let max_age = Duration::from_millis(self.idle_ms.load(Ordering::Relaxed));
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let c = &idle[i];
+            if c.tx.is_closed() || now.saturating_duration_since(c.since) >= max_age {
+                idle.swap_remove(i);
+            } else if c.tx.is_ready() {
+                return Some(idle.swap_remove(i).tx);
+            }
+            // Else still finishing its last exchange: left for a later request.
+        }
+        None
+    }
+
+    fn put(this: &Arc<Inner>, tx: http1::SendRequest<GateBody>) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = this.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < this.opts.max_idle {
+            idle.push(Idle { tx, since: Instant::now() });
+        }
+    }
+
+    /// One task per pool closes connections idle past the timeout (they would be dropped at
+    /// the next checkout anyway; the reaper frees them, and the app's side, sooner).
+    fn start_reaper(this: &Arc<Inner>) {
+        if this.reaper.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let weak = Arc::downgrade(this);
+        tokio::spawn(async move {
+            loop {
+                let period = match weak.upgrade() {
+                    Some(pool) => Duration::from_millis(pool.idle_ms.load(Ordering::Relaxed) / 2),
+                    None => return,
+                };
+                tokio::time::sleep(period.clamp(Duration::from_millis(50), Duration::from_secs(5))).await;
+                let Some(pool) = weak.upgrade() else { return };
+                let max_age = Duration::from_millis(pool.idle_ms.load(Ordering::Relaxed));
+                let now = Instant::now();
+                let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                idle.retain(|c| !c.tx.is_closed() && now.saturating_duration_since(c.since) < max_age);
+            }
+        });
+    }
+}
+
+/// Connect to the first address of `target` that answers.
+async fn connect_any(target: &str) -> std::io::Result<TcpStream> {
+    if let Ok(addr) = target.parse::<SocketAddr>() {
+        return TcpStream::connect(addr).await;
+    }
+    let mut last = None;
+    for addr in tokio::net::lookup_host(target).await? {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))
+}
