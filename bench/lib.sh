@@ -98,7 +98,7 @@ bench_nginx() {
     pid=$!; PIDS+=("$pid"); BENCH_PID[$name]=$pid
     for port in "$@"; do
         bench_wait_tcp "$port" "$pid" || {
-            echo "nginx $name did not come up on $port:" >&2; tail -5 "$TMP/$name.err" "$TMP/$name.out" >&2; exit 1; }
+            echo "nginx $name did not come up on $port:" >&2; tail -n 5 "$TMP/$name.err" "$TMP/$name.out" >&2; exit 1; }
     done
     for i in $(seq 50); do   # the workers are forked after the listeners open
         [ -n "$(ps -o pid= --ppid "$pid")" ] && break
@@ -153,6 +153,6 @@ bench_gate() {
         sleep 0.1
     done
     echo "gate $name did not become ready (admin $admin):" >&2
-    tail -5 "$out" "$TMP/$name.stderr" >&2
+    tail -n 5 "$out" "$TMP/$name.stderr" >&2
     exit 1
 }

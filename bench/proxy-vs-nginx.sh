@@ -118,7 +118,7 @@ TOML
     redis-server --bind 127.0.0.1 --port 16379 --save "" --appendonly no --daemonize no \
         >"$TMP/redis.log" 2>&1 &
     BENCH_PID[redis]=$!; PIDS+=("$!")
-    bench_wait_tcp 16379 "${BENCH_PID[redis]}" || { echo "redis did not start" >&2; tail -5 "$TMP/redis.log" >&2; exit 1; }
+    bench_wait_tcp 16379 "${BENCH_PID[redis]}" || { echo "redis did not start" >&2; tail -n 5 "$TMP/redis.log" >&2; exit 1; }
 fi
 bench_gate gate-mem "$TMP/gate-mem.toml" 19094
 bench_gate gate "$TMP/gate.toml" 19090

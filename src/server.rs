@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -96,7 +97,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let readiness = Arc::new(Readiness::default());
     let admin = Arc::new(Admin { readiness: readiness.clone(), metrics: metrics.clone(), gateway: gateway.clone() });
 
-    let http = Arc::new(http_builder(&config));
+    let http = Arc::new(Protocols::new(&config));
     let stop_accepting = CancellationToken::new();
     let drain = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -199,24 +200,122 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     Ok(())
 }
 
-fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    // hyper's header timer also runs while a keep-alive connection waits for its next request,
-    // which would close idle connections at header_timeout: serve_connection times heads itself.
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(config.server.max_header_bytes.max(8192))
-        .keep_alive(true);
-    // HTTP/2: h2 refuses a header block over this size with a GOAWAY (the client never sees an
-    // answer), so it is set above max_header_bytes and the gate answers 431 itself.
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(h2_header_list_limit(config.server.max_header_bytes))
-        .max_concurrent_streams(250)
-        .keep_alive_interval(Some(Duration::from_secs(20)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    b
+/// The HTTP servers a connection can get: on TLS, the one ALPN chose (no sniffing of the first
+/// bytes); on the plain listener, HTTP/1.1 or HTTP/2 with prior knowledge, told by the preface.
+struct Protocols {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+/// The same settings on hyper's HTTP/1.1 builder and on `auto`'s.
+macro_rules! h1_settings {
+    ($b:expr, $config:expr) => {
+        // hyper's header timer also runs while a keep-alive connection waits for its next
+        // request, which would close idle connections at header_timeout: serve_connection
+        // times heads itself.
+        $b.timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size($config.server.max_header_bytes.max(8192))
+            .keep_alive(true)
+    };
+}
+
+/// The same settings on hyper's HTTP/2 builder and on `auto`'s.
+macro_rules! h2_settings {
+    ($b:expr, $config:expr) => {
+        // h2 refuses a header block over this size with a GOAWAY (the client never sees an
+        // answer), so it is set above max_header_bytes and the gate answers 431 itself.
+        // Windows and send buffers are bounded: a stream buffers at most H2_STREAM_WINDOW.
+        $b.timer(TokioTimer::new())
+            .max_header_list_size(h2_header_list_limit($config.server.max_header_bytes))
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buf_size(H2_SEND_BUFFER)
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(20))
+    };
+}
+
+const H2_MAX_STREAMS: u32 = 250;
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+const H2_SEND_BUFFER: usize = 128 * 1024;
+
+impl Protocols {
+    fn new(config: &Config) -> Protocols {
+        let mut h1 = http1::Builder::new();
+        h1_settings!(h1, config);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2_settings!(h2, config);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        h1_settings!(auto.http1(), config);
+        h2_settings!(auto.http2(), config);
+        Protocols { h1, h2, auto }
+    }
+}
+
+/// Which server a connection gets.
+#[derive(Clone, Copy)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// Plain listener: told by the first bytes.
+    Sniff,
+}
+
+/// A connection being served: run it, or ask it to finish (HTTP/2 GOAWAY, HTTP/1.1 close
+/// after the current exchange).
+trait Serving: Future<Output = Result<(), Self::Error>> {
+    type Error: Into<Box<dyn std::error::Error + Send + Sync>>;
+    fn shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> Serving for http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = hyper::Error;
+    fn shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> Serving for http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: http_body::Body + Send + 'static,
+    <S::ResBody as http_body::Body>::Data: Send,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+{
+    type Error = hyper::Error;
+    fn shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Serving for auto::UpgradeableConnection<'_, I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
 }
 
 /// After the listeners close, open connections keep serving this long before idle ones are
@@ -235,7 +334,7 @@ fn h2_header_list_limit(max_header_bytes: usize) -> u32 {
 struct ConnCtx {
     max_connections: usize,
     gateway: Arc<Gateway>,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<Protocols>,
     drain: CancellationToken,
     idle_timeout: Duration,
     header_timeout: Duration,
@@ -300,7 +399,7 @@ async fn accept_loop(
             let activity = Arc::new(ConnActivity::new(Some(permit), ctx.gateway.clock.now_ms()));
             match tls {
                 Some(config) => serve_tls(stream, peer, config, &ctx, activity).await,
-                None => serve_connection(stream, peer, false, &ctx, activity).await,
+                None => serve_connection(stream, peer, Protocol::Sniff, &ctx, activity).await,
             }
             ctx.gateway.metrics.connections_open.dec();
         });
@@ -323,7 +422,9 @@ async fn serve_tls(
         Ok(Ok(tls)) => {
             // The header timeout of the first request runs from the end of the handshake.
             activity.first_request_clock(ctx.gateway.clock.now_ms());
-            serve_connection(tls, peer, true, ctx, activity).await
+            let protocol =
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") { Protocol::Http2 } else { Protocol::Http1 };
+            serve_connection(tls, peer, protocol, ctx, activity).await
         }
         Ok(Err(e)) => {
             ctx.gateway.metrics.tls_handshake_errors.inc();
@@ -336,17 +437,28 @@ async fn serve_tls(
     }
 }
 
-async fn serve_connection<I>(io: I, peer: SocketAddr, tls: bool, ctx: &ConnCtx, activity: Arc<ConnActivity>)
+async fn serve_connection<I>(io: I, peer: SocketAddr, protocol: Protocol, ctx: &ConnCtx, activity: Arc<ConnActivity>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let gateway = ctx.gateway.clone();
-    let io = ClientIo::new(io, activity.clone(), gateway.clock.clone());
+    let tls = !matches!(protocol, Protocol::Sniff);
+    let io = TokioIo::new(ClientIo::new(io, activity.clone(), gateway.clock.clone()));
     let service = {
         let activity = activity.clone();
         service_fn(move |req| gateway.clone().serve(req, peer, tls, activity.clone()))
     };
-    let conn = ctx.http.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let http = &ctx.http;
+    match protocol {
+        Protocol::Http1 => drive(http.h1.serve_connection(io, service).with_upgrades(), peer, ctx, &activity).await,
+        Protocol::Http2 => drive(http.h2.serve_connection(io, service), peer, ctx, &activity).await,
+        Protocol::Sniff => drive(http.auto.serve_connection_with_upgrades(io, service), peer, ctx, &activity).await,
+    }
+}
+
+/// Run a connection until it ends, closing it when idle or too slow with a request head, and
+/// asking it to finish when the gate drains.
+async fn drive<C: Serving>(conn: C, peer: SocketAddr, ctx: &ConnCtx, activity: &ConnActivity) {
     tokio::pin!(conn);
     let idle_ms = ctx.idle_timeout.as_millis() as u64;
     let head_ms = ctx.header_timeout.as_millis() as u64;
@@ -359,13 +471,14 @@ where
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
+                    let e: Box<dyn std::error::Error + Send + Sync> = e.into();
                     log_connection_error(peer, e.as_ref());
                 }
                 return;
             }
             () = ctx.drain.cancelled(), if !closing => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                conn.as_mut().shutdown();
             }
             _ = tick.tick() => {
                 let now = ctx.gateway.clock.now_ms();
@@ -376,7 +489,7 @@ where
                 }
                 if !closing && activity.head_wait_ms(now).is_none() && activity.idle_ms(now).is_some_and(|ms| ms >= idle_ms) {
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().shutdown();
                 }
             }
         }
