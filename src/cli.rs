@@ -42,6 +42,9 @@ pub enum CliLogFormat {
 /// Log lines queued for the writer thread before further lines are dropped (and counted).
 pub const LOG_BUFFER_LINES: usize = 4096;
 
+/// Bytes of log lines the writer thread gathers before a write (flushed whenever the queue empties).
+const LOG_WRITE_BUFFER: usize = 64 * 1024;
+
 /// Set up the global tracing subscriber: stdout, written by a background thread so a slow
 /// log consumer never blocks request handling. Keep the guard until exit (it flushes).
 pub fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
@@ -56,7 +59,9 @@ pub fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blo
         .lossy(true)
         .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("log-writer")
-        .finish(std::io::stdout());
+        // Buffered: the writer thread drains every queued line, then flushes once (one write
+        // for many lines under load, at once when quiet).
+        .finish(std::io::BufWriter::with_capacity(LOG_WRITE_BUFFER, std::io::stdout()));
     let _ = crate::metrics::LOG_LINES_DROPPED.set(writer.error_counter());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {

@@ -48,6 +48,8 @@ pub struct ConnActivity {
     /// The connection's `max_connections` slot: held by the connection and by a tunnel that
     /// outlives it (an upgraded connection still counts).
     _permit: Option<OwnedSemaphorePermit>,
+    /// The peer's address as a header value, for `X-Forwarded-For` (made once).
+    peer_value: std::sync::OnceLock<HeaderValue>,
 }
 
 impl ConnActivity {
@@ -99,6 +101,11 @@ impl ConnActivity {
             .then(|| now_ms.saturating_sub(self.idle_since_ms.load(Ordering::Acquire)))
     }
 
+    /// The peer's address as a header value (one connection has one peer).
+    pub fn peer_value(&self, peer: SocketAddr) -> &HeaderValue {
+        self.peer_value.get_or_init(|| upstream::peer_value(peer))
+    }
+
     pub fn touch(&self, now_ms: u64) {
         self.idle_since_ms.store(now_ms, Ordering::Release);
     }
@@ -136,6 +143,16 @@ impl Observer {
             None => "https_redirect",
         }
     }
+
+    /// The route's index in `Gateway::route_durations`.
+    fn route_slot(&self) -> usize {
+        let n = self.gateway.routes.all().len();
+        match self.route {
+            Some(i) => i,
+            None if self.rejected => n,
+            None => n + 1,
+        }
+    }
 }
 
 impl crate::body::BodyGuard for Observer {
@@ -152,7 +169,7 @@ impl crate::body::BodyGuard for Observer {
             None => "499",
         };
         m.http_requests.with_label_values(&[route, method_label(&self.method), status_label]).inc();
-        m.http_request_duration.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+        self.gateway.route_durations[self.route_slot()].observe(elapsed.as_secs_f64());
         let stream_ms = match (self.streamed, self.headers_at) {
             (true, Some(at)) => {
                 let d = at.elapsed();
@@ -215,6 +232,8 @@ impl Default for Clock {
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
+    /// `chatkit_gate_http_request_duration_seconds` per route label, resolved once.
+    route_durations: Vec<prometheus::Histogram>,
     pub(crate) server: ServerSettings,
     routes: RouteTable,
     upstream: Upstream,
@@ -243,7 +262,16 @@ impl Gateway {
         audit: Audit,
     ) -> anyhow::Result<Gateway> {
         let chatkit_servers = ChatKitServers::new(config, &routes, limiter.as_deref(), metrics.clone(), audit)?;
+        // By route index, then `rejected`, then `https_redirect` (see `Observer::route_slot`).
+        let route_durations = routes
+            .all()
+            .iter()
+            .map(|r| r.name.as_str())
+            .chain(["rejected", "https_redirect"])
+            .map(|name| metrics.http_request_duration.with_label_values(&[name]))
+            .collect();
         Ok(Gateway {
+            route_durations,
             chatkit_servers,
             server: config.server.clone(),
             routes,
@@ -396,7 +424,7 @@ impl Gateway {
             None => None,
         };
         let f = Forwarded {
-            peer,
+            peer: conn.peer_value(peer),
             https: ctx.https,
             request_id: &ctx.request_id,
             host: &admitted.host,

@@ -253,8 +253,13 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
+    // 32 hex digits, written without the formatting machinery.
     let id: u128 = rand::random();
-    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    let mut hex = [0u8; 32];
+    for (i, d) in hex.iter_mut().enumerate() {
+        *d = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`, from an
@@ -281,7 +286,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// What the forwarding headers are made from.
 pub struct Forwarded<'a> {
-    pub peer: SocketAddr,
+    /// The peer's address as a header value (made once per connection).
+    pub peer: &'a HeaderValue,
     pub https: bool,
     pub request_id: &'a HeaderValue,
     /// The validated host of the request (`Host` and `X-Forwarded-Host` for the app).
@@ -294,10 +300,12 @@ pub struct Forwarded<'a> {
 /// copies of these were removed by the header pass ([`crate::hygiene::clean_request_headers`]).
 pub fn set_forwarding_headers(headers: &mut HeaderMap, f: &Forwarded<'_>) {
     headers.insert(HOST, f.host.clone());
-    let peer_ip = canonical(f.peer.ip());
     let xff = match f.prior_forwarded_for {
-        Some(prior) => HeaderValue::from_str(&format!("{prior}, {peer_ip}")).unwrap_or_else(|_| peer_ip_value(peer_ip)),
-        None => peer_ip_value(peer_ip),
+        Some(prior) => {
+            let peer = f.peer.to_str().unwrap_or("unknown");
+            HeaderValue::from_str(&format!("{prior}, {peer}")).unwrap_or_else(|_| f.peer.clone())
+        }
+        None => f.peer.clone(),
     };
     headers.insert(&X_FORWARDED_FOR, xff);
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if f.https { "https" } else { "http" }));
@@ -305,8 +313,9 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, f: &Forwarded<'_>) {
     headers.insert(&X_REQUEST_ID, f.request_id.clone());
 }
 
-fn peer_ip_value(ip: IpAddr) -> HeaderValue {
-    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+/// A peer's address as a header value (IPv4-mapped IPv6 addresses as IPv4).
+pub fn peer_value(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&canonical(peer.ip()).to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 #[cfg(test)]
