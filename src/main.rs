@@ -7,11 +7,6 @@ use clap::Parser;
 use chatkit_gate::cli::{Cli, Command, check_environment, init_logging, log_settings};
 use chatkit_gate::{Config, Listeners, run};
 
-/// mimalloc instead of glibc's malloc: memory freed when connections close goes back to the
-/// system (glibc keeps it in per-thread arenas), and less of it is lost to fragmentation.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Some(path) = cli.config.clone() else {

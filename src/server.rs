@@ -415,7 +415,9 @@ async fn serve_tls(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let handshake = tokio::select! {
-        r = tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(stream)) => r,
+        // Boxed: the handshake's state is freed once it is done instead of widening every
+        // connection's task for its whole life.
+        r = tokio::time::timeout(ctx.handshake_timeout, Box::pin(acceptor.accept(stream))) => r,
         () = ctx.drain.cancelled() => return,
     };
     match handshake {
@@ -451,8 +453,11 @@ where
     let http = &ctx.http;
     match protocol {
         Protocol::Http1 => drive(http.h1.serve_connection(io, service).with_upgrades(), peer, ctx, &activity).await,
-        Protocol::Http2 => drive(http.h2.serve_connection(io, service), peer, ctx, &activity).await,
-        Protocol::Sniff => drive(http.auto.serve_connection_with_upgrades(io, service), peer, ctx, &activity).await,
+        // Boxed, so that the task of every connection is only as large as HTTP/1.1 needs.
+        Protocol::Http2 => Box::pin(drive(http.h2.serve_connection(io, service), peer, ctx, &activity)).await,
+        Protocol::Sniff => {
+            Box::pin(drive(http.auto.serve_connection_with_upgrades(io, service), peer, ctx, &activity)).await
+        }
     }
 }
 
