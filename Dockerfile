@@ -8,6 +8,11 @@
 ARG RUST_VERSION=1.88
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
+# make: jemalloc (the gate's allocator) is built from source; the slim image has gcc only.
+# (Not pinned: bookworm's make is a build tool here, not part of the image that ships.)
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,id=chatkit-gate-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \

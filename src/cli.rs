@@ -39,15 +39,12 @@ pub enum CliLogFormat {
     Text,
 }
 
-/// Log lines queued for the writer thread before further lines are dropped (and counted).
+/// Log lines held for the writer thread before further lines are dropped (and counted).
 pub const LOG_BUFFER_LINES: usize = 4096;
-
-/// Bytes of log lines the writer thread gathers before a write (flushed whenever the queue empties).
-const LOG_WRITE_BUFFER: usize = 64 * 1024;
 
 /// Set up the global tracing subscriber: stdout, written by a background thread so a slow
 /// log consumer never blocks request handling. Keep the guard until exit (it flushes).
-pub fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+pub fn init_logging(format: LogFormat, level: &str) -> Option<crate::logwriter::BatchGuard> {
     // rustls logs a warning per handshake for clients that send an IP address as SNI: noise
     // (and a cost) on a public listener, so it stays quiet unless named in the filter.
     let directives = if level.contains("rustls") { level.to_string() } else { format!("{level},rustls=error") };
@@ -55,20 +52,20 @@ pub fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blo
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     // Lossy: when stdout stalls (a blocked pipe, a slow collector) lines are dropped and counted
     // (chatkit_gate_log_lines_dropped_total) instead of blocking a worker thread mid-request.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_BUFFER_LINES)
-        .thread_name("log-writer")
-        // Buffered: the writer thread drains every queued line, then flushes once (one write
-        // for many lines under load, at once when quiet).
-        .finish(std::io::BufWriter::with_capacity(LOG_WRITE_BUFFER, std::io::stdout()));
-    let _ = crate::metrics::LOG_LINES_DROPPED.set(writer.error_counter());
+    // Lines are batched: one write of many lines every few milliseconds, no wake-up per line.
+    let (writer, guard) = match crate::logwriter::BatchWriter::start(std::io::stdout(), LOG_BUFFER_LINES) {
+        Ok(started) => started,
+        Err(e) => {
+            eprintln!("error: cannot start the log writer thread: {e}");
+            return None;
+        }
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.with_ansi(false).try_init(),
     };
-    guard
+    Some(guard)
 }
 
 /// Apply command-line overrides to the file's `[log]` settings.

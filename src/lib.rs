@@ -16,6 +16,7 @@ pub mod context;
 pub mod error;
 pub mod https;
 pub mod hygiene;
+pub mod logwriter;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -7,6 +7,11 @@ use clap::Parser;
 use chatkit_gate::cli::{Cli, Command, check_environment, init_logging, log_settings};
 use chatkit_gate::{Config, Listeners, run};
 
+/// jemalloc, with its background purging thread: memory freed when connections close goes back
+/// to the system within seconds (glibc keeps it in its arenas).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Some(path) = cli.config.clone() else {

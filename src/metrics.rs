@@ -51,12 +51,7 @@ pub struct Metrics {
     pub chatkit_requests: IntCounterVec,
 }
 
-/// Log lines the non-blocking writer dropped (its queue was full: stdout stalled). Set once by
-/// the binary's logging setup; read at scrape time.
-pub static LOG_LINES_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
-    std::sync::OnceLock::new();
-
-/// Exports [`LOG_LINES_DROPPED`] as `chatkit_gate_log_lines_dropped_total`.
+/// Exports [`crate::logwriter::LINES_DROPPED`] as `chatkit_gate_log_lines_dropped_total`.
 #[derive(Clone)]
 struct LogDropped {
     desc: prometheus::core::Desc,
@@ -68,14 +63,14 @@ impl prometheus::core::Collector for LogDropped {
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        let dropped = LOG_LINES_DROPPED.get().map_or(0, |c| c.dropped_lines());
+        let dropped = crate::logwriter::LINES_DROPPED.load(std::sync::atomic::Ordering::Relaxed);
         let c = IntCounter::with_opts(Opts::new(
             "chatkit_gate_log_lines_dropped_total",
             "Log lines dropped because the log output fell behind (it never blocks requests).",
         ));
         match c {
             Ok(c) => {
-                c.inc_by(dropped as u64);
+                c.inc_by(dropped);
                 c.collect()
             }
             Err(_) => Vec::new(),

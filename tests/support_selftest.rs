@@ -7,12 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::certs::{self, TestPki};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use common::fake_openai::{
     FakeChatKit, FakeOptions, Mode, RATE_LIMIT_RETRY_AFTER_SECS, TEST_API_KEY, TEST_WORKFLOW_ID,
 };
 use common::redis::{RedisCluster, RedisServer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 
 async fn ping(url: &str) -> redis::RedisResult<String> {
@@ -534,7 +534,8 @@ async fn test_pki_leaves_are_distinguishable_and_written_as_pem() {
 
     let dir = tempfile::tempdir().unwrap();
     let (cert_path, key_path) = pki.write_to(dir.path());
-    let chain = CertificateDer::pem_slice_iter(&std::fs::read(&cert_path).unwrap()).collect::<Result<Vec<_>, _>>().unwrap();
+    let chain =
+        CertificateDer::pem_slice_iter(&std::fs::read(&cert_path).unwrap()).collect::<Result<Vec<_>, _>>().unwrap();
     assert_eq!(chain, vec![pki.leaf().cert_der.clone(), pki.ca_der()]);
     let key = PrivateKeyDer::from_pem_slice(&std::fs::read(&key_path).unwrap()).unwrap();
     assert_eq!(key.secret_der(), pki.leaf().key_der().secret_der());
