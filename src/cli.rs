@@ -60,6 +60,9 @@ pub fn init_logging(format: LogFormat, level: &str) -> Option<crate::logwriter::
             return None;
         }
     };
+    if format == LogFormat::Json {
+        crate::logwriter::set_json_sink(writer.clone());
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

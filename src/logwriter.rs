@@ -125,6 +125,139 @@ impl Drop for BatchGuard {
     }
 }
 
+/// The writer of the binary's JSON log, for lines written without tracing's formatter (the
+/// access log: one line per request, the hot path). Unset in text mode and in tests.
+static JSON_SINK: std::sync::OnceLock<BatchWriter> = std::sync::OnceLock::new();
+
+/// Make `writer` the sink of [`json_sink`] (once, by the binary's logging setup).
+pub fn set_json_sink(writer: BatchWriter) {
+    let _ = JSON_SINK.set(writer);
+}
+
+/// Where pre-formatted JSON lines go, when the log is JSON.
+pub fn json_sink() -> Option<&'static BatchWriter> {
+    JSON_SINK.get()
+}
+
+impl BatchWriter {
+    /// Append one whole line (it ends with `\n`).
+    pub fn line(&self, line: &[u8]) {
+        let mut w = self.clone();
+        let _ = w.write(line);
+    }
+}
+
+/// A JSON log line being built, in the shape of tracing-subscriber's flattened JSON format:
+/// `{"timestamp":…,"level":…,"message":…, fields…, "target":…}`.
+pub struct JsonLine<'a> {
+    out: &'a mut String,
+}
+
+impl<'a> JsonLine<'a> {
+    pub fn start(out: &'a mut String, level: &str, message: &str) -> JsonLine<'a> {
+        out.clear();
+        out.push_str("{\"timestamp\":\"");
+        push_rfc3339_micros(out, std::time::SystemTime::now());
+        out.push_str("\",\"level\":\"");
+        out.push_str(level);
+        out.push('"');
+        let mut line = JsonLine { out };
+        line.str("message", message);
+        line
+    }
+
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.key(key);
+        push_json_str(self.out, value);
+        self
+    }
+
+    pub fn display(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Self {
+        use std::fmt::Write as _;
+        self.key(key);
+        self.out.push('"');
+        let start = self.out.len();
+        let _ = write!(self.out, "{value}");
+        if self.out[start..].bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            let raw = self.out.split_off(start);
+            self.out.pop();
+            push_json_str(self.out, &raw);
+        } else {
+            self.out.push('"');
+        }
+        self
+    }
+
+    pub fn num(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Self {
+        use std::fmt::Write as _;
+        self.key(key);
+        let _ = write!(self.out, "{value}");
+        self
+    }
+
+    /// End the line with its `target`.
+    pub fn finish(&mut self, target: &str) {
+        self.str("target", target);
+        self.out.push_str("}\n");
+    }
+
+    fn key(&mut self, key: &str) {
+        self.out.push(',');
+        push_json_str(self.out, key);
+        self.out.push(':');
+    }
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// `2026-11-26T10:23:51.364458Z` (UTC, microseconds), as tracing-subscriber writes it.
+fn push_rfc3339_micros(out: &mut String, t: std::time::SystemTime) {
+    use std::fmt::Write as _;
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(days as i64);
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_micros()
+    );
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -146,6 +279,33 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn json_lines_parse_and_carry_a_tracing_style_timestamp() {
+        let mut out = String::new();
+        JsonLine::start(&mut out, "INFO", "request")
+            .str("route", "a\"b\\c")
+            .num("status", 200)
+            .num("duration_ms", 1.25)
+            .display("client_ip", std::net::IpAddr::from([203, 0, 113, 9]))
+            .finish("chatkit_gate::proxy");
+        assert!(out.ends_with("}\n"));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["message"], "request");
+        assert_eq!(v["route"], "a\"b\\c");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["duration_ms"], 1.25);
+        assert_eq!(v["client_ip"], "203.0.113.9");
+        assert_eq!(v["target"], "chatkit_gate::proxy");
+        let ts = v["timestamp"].as_str().unwrap();
+        assert_eq!((ts.len(), &ts[10..11], &ts[19..20], &ts[26..]), (27, "T", ".", "Z"), "{ts}");
+        let mut known = String::new();
+        push_rfc3339_micros(&mut known, std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_591_831_364_458));
+        assert_eq!(known, "2025-12-01T12:23:51.364458Z");
+        let mut leap = String::new();
+        push_rfc3339_micros(&mut leap, std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400));
+        assert_eq!(leap, "2000-02-29T00:00:00.000000Z");
     }
 
     #[test]

@@ -190,10 +190,25 @@ impl crate::body::BodyGuard for Observer {
                 method = %method, route, status, duration_ms, stream_ms, outcome,
                 request_id = rid, client_ip = %client_ip, "request"
             ),
-            _ => tracing::info!(
-                method = %method, route, status, duration_ms, stream_ms, outcome,
-                request_id = rid, client_ip = %client_ip, "request"
-            ),
+            _ if !tracing::enabled!(tracing::Level::INFO) => {}
+            // The binary's JSON log: the same line as tracing would write, built directly.
+            _ => match crate::logwriter::json_sink() {
+                Some(sink) => ACCESS_LINE.with_borrow_mut(|buf| {
+                    let mut line = crate::logwriter::JsonLine::start(buf, "INFO", "request");
+                    line.str("method", method.as_str()).str("route", route).num("status", status);
+                    line.num("duration_ms", duration_ms);
+                    if let Some(ms) = stream_ms {
+                        line.num("stream_ms", ms);
+                    }
+                    line.str("outcome", outcome).str("request_id", rid).display("client_ip", client_ip);
+                    line.finish(module_path!());
+                    sink.line(buf.as_bytes());
+                }),
+                None => tracing::info!(
+                    method = %method, route, status, duration_ms, stream_ms, outcome,
+                    request_id = rid, client_ip = %client_ip, "request"
+                ),
+            },
         }
     }
 }
@@ -208,6 +223,11 @@ impl Drop for Observer {
             self.conn.touch(self.gateway.clock.now_ms());
         }
     }
+}
+
+thread_local! {
+    /// The access-log line of this worker thread, reused.
+    static ACCESS_LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(512));
 }
 
 /// A monotonic millisecond clock shared by connections.
