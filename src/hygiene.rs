@@ -335,7 +335,13 @@ pub fn clean_request_headers(
     }
     upstream::drop_length_beside_chunked(headers);
     let prefix = rules.identity_prefix.as_bytes();
+    // The hop-by-hop names present are noted on the same pass: only they are removed.
+    let mut hop = [false; upstream::HOP_BY_HOP.len()];
     for name in headers.keys() {
+        if let Some(i) = upstream::HOP_BY_HOP.iter().position(|h| h == name) {
+            hop[i] = true;
+            continue;
+        }
         let n = name.as_str().as_bytes();
         let doomed = gate_owned(n, prefix)
             || (!peer_trusted && untrusted_override(n))
@@ -344,7 +350,7 @@ pub fn clean_request_headers(
             named.push(name.clone());
         }
     }
-    for name in &upstream::HOP_BY_HOP {
+    for (name, _) in upstream::HOP_BY_HOP.iter().zip(hop).filter(|(_, present)| *present) {
         headers.remove(name);
     }
     for name in named {

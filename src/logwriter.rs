@@ -301,7 +301,10 @@ mod tests {
         let ts = v["timestamp"].as_str().unwrap();
         assert_eq!((ts.len(), &ts[10..11], &ts[19..20], &ts[26..]), (27, "T", ".", "Z"), "{ts}");
         let mut known = String::new();
-        push_rfc3339_micros(&mut known, std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_591_831_364_458));
+        push_rfc3339_micros(
+            &mut known,
+            std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_591_831_364_458),
+        );
         assert_eq!(known, "2025-12-01T12:23:51.364458Z");
         let mut leap = String::new();
         push_rfc3339_micros(&mut leap, std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400));

@@ -266,16 +266,31 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// answer of the app (requests go through [`crate::hygiene::clean_request_headers`]).
 /// With `upgrade`, `Connection: upgrade` and `Upgrade` survive (the tunnel needs them).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // One pass over the names finds the hop-by-hop ones present (usually just `Connection`):
+    // only those are removed, instead of a lookup for each of the nine.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if !upgrade && !present.contains(&true) {
+        return;
+    }
     drop_length_beside_chunked(headers);
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .filter(|n| !(upgrade && *n == UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            // `keep-alive` names a header of the list above, removed below when present.
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !(upgrade && *n == UPGRADE))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
     let upgrade_value = if upgrade { headers.get(UPGRADE).cloned() } else { None };
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
     if let Some(v) = upgrade_value {
