@@ -83,10 +83,13 @@ where
 /// any response byte arrived (the peer closed it idle just as it was reused)? Such a request may
 /// be sent again on a fresh connection when it is safe to replay it.
 pub fn is_stale_connection(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
-        return false;
-    }
-    let mut source = std::error::Error::source(e);
+    !e.is_connect() && closed_before_answer(e)
+}
+
+/// Anywhere in `e`'s chain: hyper saw the connection end before a complete answer (or the
+/// request was cancelled because it had), or the socket was reset, aborted or hit EOF.
+pub(crate) fn closed_before_answer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
     while let Some(inner) = source {
         if let Some(he) = inner.downcast_ref::<hyper::Error>()
             && (he.is_incomplete_message() || he.is_canceled())

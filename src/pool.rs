@@ -39,27 +39,7 @@ impl SendError {
     fn is_stale(&self) -> bool {
         match self {
             SendError::Connect { .. } => false,
-            SendError::Http(e) => {
-                if e.is_incomplete_message() || e.is_canceled() {
-                    return true;
-                }
-                let mut source = std::error::Error::source(e);
-                while let Some(inner) = source {
-                    if let Some(io) = inner.downcast_ref::<std::io::Error>()
-                        && matches!(
-                            io.kind(),
-                            std::io::ErrorKind::ConnectionReset
-                                | std::io::ErrorKind::ConnectionAborted
-                                | std::io::ErrorKind::BrokenPipe
-                                | std::io::ErrorKind::UnexpectedEof
-                        )
-                    {
-                        return true;
-                    }
-                    source = inner.source();
-                }
-                false
-            }
+            SendError::Http(e) => crate::client::closed_before_answer(e),
         }
     }
 }
