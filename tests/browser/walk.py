@@ -188,6 +188,18 @@ class Browser:
         self.context.close()
 
 
+def wait_text(p, selector: str, ok, timeout: float = 15.0) -> str:
+    """Poll an element's text from Python until `ok(text)`: unlike a string passed to
+    `wait_for_function`, nothing is evaluated in the page, so a strict CSP (no unsafe-eval, as
+    the demo app sends) cannot break the wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = p.inner_text(selector)
+        if ok(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
 def path_of(url: str) -> str:
     from urllib.parse import urlsplit
 
@@ -322,11 +334,11 @@ def walk_demo(pw, gate_bin: str) -> None:
         p.wait_for_url("**/?tab=2")
         check("demo: after sign-in, back at the original page", path_of(p.url) == "/?tab=2", path_of(p.url))
         check("demo: the page shows the user the gate sent", "Signed in as Alice" in p.inner_text("body"))
-        p.wait_for_function("document.getElementById('status').textContent !== 'Minting a session\u2026'")
-        check("demo: the page minted a session", p.inner_text("#status") == "Session minted.", p.inner_text("#status"))
+        status = wait_text(p, "#status", lambda t: t != "Minting a session\u2026")
+        check("demo: the page minted a session", status == "Session minted.", status)
         p.click("#refresh")
-        p.wait_for_function("document.getElementById('status').textContent === 'Session refreshed.'")
-        check("demo: ... and refreshed it", True)
+        status = wait_text(p, "#status", lambda t: t == "Session refreshed.")
+        check("demo: ... and refreshed it", status == "Session refreshed.", status)
         r = b.fetch("/api/whoami")
         check("demo: a background request", r["status"] == 200 and "alice" in r["body"], f"{r['status']}")
         p.click("form[action='/logout'] button")
