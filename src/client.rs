@@ -124,8 +124,8 @@ pub fn replay_of<B: Default>(req: &http::Request<B>) -> http::Request<B> {
 
 /// Send `req` on the pooled client; when a pooled connection fails before answering and a
 /// `replay` copy is given, send that once more on `fresh` (a client that never pools, so the
-/// retry cannot meet another stale connection). The one place the retry rule lives, so it
-/// survives a change of HTTP client.
+/// retry cannot meet another stale connection). The HTTPS clients' retry; the app's pool
+/// (`pool::AppPool::send`) applies the same rule with the same [`closed_before_answer`].
 pub async fn send_with_retry<C, B>(
     pooled: &Client<C, B>,
     fresh: &Client<C, B>,

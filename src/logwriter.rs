@@ -83,14 +83,16 @@ fn run<W: Write>(shared: &Shared, mut out: W) {
     }
 }
 
-impl Write for BatchWriter {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+impl BatchWriter {
+    /// Append one whole line (it ends with `\n`), or drop and count it when the writer is
+    /// behind by `max_lines`.
+    pub fn line(&self, line: &[u8]) {
         let shared = &self.shared;
         let mut pending = shared.buf.lock().unwrap_or_else(PoisonError::into_inner);
         if pending.lines >= shared.max_lines {
             drop(pending);
             LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
-            return Ok(line.len());
+            return;
         }
         pending.bytes.extend_from_slice(line);
         pending.lines += 1;
@@ -99,6 +101,12 @@ impl Write for BatchWriter {
         if eager {
             shared.wake.notify_one();
         }
+    }
+}
+
+impl Write for BatchWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.line(line);
         Ok(line.len())
     }
 
@@ -137,14 +145,6 @@ pub fn set_json_sink(writer: BatchWriter) {
 /// Where pre-formatted JSON lines go, when the log is JSON.
 pub fn json_sink() -> Option<&'static BatchWriter> {
     JSON_SINK.get()
-}
-
-impl BatchWriter {
-    /// Append one whole line (it ends with `\n`).
-    pub fn line(&self, line: &[u8]) {
-        let mut w = self.clone();
-        let _ = w.write(line);
-    }
 }
 
 /// A JSON log line being built, in the shape of tracing-subscriber's flattened JSON format:

@@ -111,11 +111,6 @@ impl AppPool {
         self.inner.idle_ms.store(idle.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Idle connections kept now (for tests and the reaper).
-    pub fn idle_count(&self) -> usize {
-        self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
     /// Send `req`. On a reused connection that turns out closed before answering, the request
     /// goes out once more on a new connection: itself when it was never written, else `replay`
     /// (a bodiless copy) when given. `retried` is called when that happens.

@@ -528,7 +528,7 @@ impl Gateway {
     ) -> Result<Response<GateBody>, GateError> {
         let client_upgrade = if asked.is_some() { parts.extensions.remove::<OnUpgrade>() } else { None };
         upstream::set_forwarding_headers(&mut parts.headers, f);
-        parts.uri = self.upstream.uri_for(parts.uri.path_and_query());
+        parts.uri = upstream::origin_form(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
         let req = Request::from_parts(parts, body);
 

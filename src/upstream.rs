@@ -83,11 +83,6 @@ impl Upstream {
         })
     }
 
-    /// The request target sent to the app: origin-form (`/path?query`).
-    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        Uri::from(path_and_query.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")))
-    }
-
     /// Send a prepared request. `upstream.timeout` runs from when the request body has been
     /// sent to the response headers (a slow upload is `server.body_timeout`'s business). A
     /// bodiless idempotent request whose pooled connection was closed under it is sent once more
@@ -166,6 +161,11 @@ impl Upstream {
         tracing::info!(kind, error = %error_chain(e), "client request body failed: app connection released");
         answer
     }
+}
+
+/// The request target sent to the app: origin-form (`/path?query`).
+pub fn origin_form(path_and_query: Option<&PathAndQuery>) -> Uri {
+    Uri::from(path_and_query.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")))
 }
 
 /// `N` of a response's `Keep-Alive: timeout=N` (RFC 2068 §19.7.1, still sent by many servers).

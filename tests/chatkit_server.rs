@@ -11,6 +11,7 @@ use common::chatkit_server::{ChatKitApp, create, sdk_parses_stream_event};
 use common::gate::{GateBuilder, TestGate};
 use common::introspection::FakeIntrospection;
 use common::redis::RedisServer;
+use common::{metric_value, promtool_accepts};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -425,24 +426,6 @@ async fn the_server_receives_exactly_the_bytes_the_client_sent() {
     gate.stop().await.unwrap();
 }
 
-/// The request log lines (message "request") captured so far.
-fn request_lines(logs: &common::logs::Logs) -> Vec<Value> {
-    logs.text()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["fields"]["message"] == "request")
-        .collect()
-}
-
-fn metric(metrics: &str, line_start: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{line_start} not in metrics:\n{metrics}"))
-}
-
 #[tokio::test]
 async fn an_aborted_stream_is_logged_and_counted_as_aborted() {
     let (logs, _guard) = common::logs::capture();
@@ -460,15 +443,15 @@ async fn an_aborted_stream_is_logged_and_counted_as_aborted() {
         }
     }
     // Nothing is logged while the stream runs.
-    assert!(request_lines(&logs).is_empty(), "logged before the body ended: {:?}", request_lines(&logs));
+    assert!(logs.request_lines().is_empty(), "logged before the body ended: {:?}", logs.request_lines());
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(stream);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while request_lines(&logs).is_empty() {
+    while logs.request_lines().is_empty() {
         assert!(Instant::now() < deadline, "the aborted stream was never logged");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let line = &request_lines(&logs)[0]["fields"];
+    let line = &logs.request_lines()[0]["fields"];
     assert_eq!(
         (line["route"].as_str(), line["status"].as_u64(), line["outcome"].as_str()),
         (Some("chatkit"), Some(200), Some("client_aborted")),
@@ -477,10 +460,10 @@ async fn an_aborted_stream_is_logged_and_counted_as_aborted() {
     assert!(line["duration_ms"].as_f64().unwrap() >= 400.0, "{line}");
     let m = gate.metrics().await;
     assert_eq!(
-        metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="client_aborted",route="chatkit"}"#),
+        metric_value(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="client_aborted",route="chatkit"}"#),
         1.0
     );
-    assert_eq!(metric(&m, "chatkit_gate_http_requests_in_flight"), 0.0);
+    assert_eq!(metric_value(&m, "chatkit_gate_http_requests_in_flight"), 0.0);
     gate.stop().await.unwrap();
 }
 
@@ -514,20 +497,23 @@ async fn a_60_second_stream_is_logged_with_its_real_duration() {
     assert_eq!(events(&body).last().unwrap()["type"], "thread.item.done");
     assert!(started.elapsed() >= Duration::from_secs(60));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while request_lines(&logs).is_empty() {
+    while logs.request_lines().is_empty() {
         assert!(Instant::now() < deadline, "the stream was never logged");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let line = &request_lines(&logs)[0]["fields"];
+    let line = &logs.request_lines()[0]["fields"];
     assert_eq!(line["outcome"], "complete", "{line}");
     let ms = line["duration_ms"].as_f64().unwrap();
     assert!((60_000.0..70_000.0).contains(&ms), "logged {ms} ms; headers came after {headers_after:?}");
     assert!(line["stream_ms"].as_f64().unwrap() >= 59_000.0, "{line}");
     let m = gate.metrics().await;
-    assert_eq!(metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="complete",route="chatkit"}"#), 1.0);
+    assert_eq!(
+        metric_value(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="complete",route="chatkit"}"#),
+        1.0
+    );
     // The request histogram saw a request of at least 60 s (nothing in the 30 s bucket).
-    assert_eq!(metric(&m, r#"chatkit_gate_http_request_duration_seconds_bucket{route="chatkit",le="30"}"#), 0.0);
-    assert_eq!(metric(&m, r#"chatkit_gate_http_request_duration_seconds_count{route="chatkit"}"#), 1.0);
+    assert_eq!(metric_value(&m, r#"chatkit_gate_http_request_duration_seconds_bucket{route="chatkit",le="30"}"#), 0.0);
+    assert_eq!(metric_value(&m, r#"chatkit_gate_http_request_duration_seconds_count{route="chatkit"}"#), 1.0);
     gate.stop().await.unwrap();
 }
 
@@ -632,23 +618,4 @@ async fn another_users_thread_is_forbidden_in_process() {
     let gate = gate_for(&app, &intro, "", "thread_ownership = true").start().await;
     ownership_round(&gate, &app).await;
     gate.stop().await.unwrap();
-}
-
-fn promtool_accepts(text: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool not found: apt-get install -y prometheus");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

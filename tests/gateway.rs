@@ -290,27 +290,7 @@ async fn metrics_pass_promtool_and_count_requests_by_route_and_status() {
     assert!(text.contains("chatkit_gate_tls_cert_expiry_timestamp_seconds "));
     assert!(text.contains("process_resident_memory_bytes"));
 
-    let promtool = which("promtool").expect("promtool not found: apt-get install -y prometheus");
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn which(bin: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(bin)).find(|p| p.is_file())
+    common::promtool_accepts(&text);
 }
 
 #[tokio::test]

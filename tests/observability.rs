@@ -7,37 +7,21 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::gate::GateBuilder;
+use common::metric_value;
 use common::upstream::FakeApp;
 use futures_util::StreamExt;
 use serde_json::Value;
 
-fn request_lines(logs: &common::logs::Logs) -> Vec<Value> {
-    logs.text()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["fields"]["message"] == "request")
-        .collect()
-}
-
 async fn wait_lines(logs: &common::logs::Logs, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let lines = request_lines(logs);
+        let lines = logs.request_lines();
         if lines.len() >= n {
             return lines;
         }
         assert!(Instant::now() < deadline, "expected {n} request lines, got {lines:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn metric(metrics: &str, line_start: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{line_start} not in metrics:\n{metrics}"))
 }
 
 #[tokio::test]
@@ -52,7 +36,7 @@ async fn a_proxied_stream_is_logged_when_its_body_ends_with_its_outcome() {
     let mut body = resp.bytes_stream();
     assert_eq!(&body.next().await.unwrap().unwrap()[..], b"data: one\n\n");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(request_lines(&logs).is_empty(), "logged at the headers: {:?}", request_lines(&logs));
+    assert!(logs.request_lines().is_empty(), "logged at the headers: {:?}", logs.request_lines());
     app.release_sse();
     while body.next().await.is_some() {}
     let line = wait_lines(&logs, 1).await[0]["fields"].clone();
@@ -73,15 +57,18 @@ async fn a_proxied_stream_is_logged_when_its_body_ends_with_its_outcome() {
     assert_eq!(line["outcome"], "complete", "{line}");
 
     let m = gate.metrics().await;
-    assert_eq!(metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="complete",route="default"}"#), 2.0);
     assert_eq!(
-        metric(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="client_aborted",route="default"}"#),
+        metric_value(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="complete",route="default"}"#),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&m, r#"chatkit_gate_stream_duration_seconds_count{outcome="client_aborted",route="default"}"#),
         1.0
     );
-    assert_eq!(metric(&m, r#"chatkit_gate_http_requests_total{method="GET",route="default",status="200"}"#), 3.0);
+    assert_eq!(metric_value(&m, r#"chatkit_gate_http_requests_total{method="GET",route="default",status="200"}"#), 3.0);
     // The completed stream took >= 400 ms: it is not in the 250 ms bucket.
-    assert!(metric(&m, r#"chatkit_gate_http_request_duration_seconds_bucket{route="default",le="0.25"}"#) <= 2.0);
-    assert_eq!(metric(&m, "chatkit_gate_http_requests_in_flight"), 0.0);
+    assert!(metric_value(&m, r#"chatkit_gate_http_request_duration_seconds_bucket{route="default",le="0.25"}"#) <= 2.0);
+    assert_eq!(metric_value(&m, "chatkit_gate_http_requests_in_flight"), 0.0);
     gate.stop().await.unwrap();
 }
 
@@ -98,6 +85,6 @@ async fn a_client_that_leaves_before_the_headers_is_logged_as_499() {
     let line = wait_lines(&logs, 1).await[0]["fields"].clone();
     assert_eq!((line["status"].as_u64(), line["outcome"].as_str()), (Some(499), Some("client_aborted")), "{line}");
     let m = gate.metrics().await;
-    assert_eq!(metric(&m, r#"chatkit_gate_http_requests_total{method="GET",route="default",status="499"}"#), 1.0);
+    assert_eq!(metric_value(&m, r#"chatkit_gate_http_requests_total{method="GET",route="default",status="499"}"#), 1.0);
     gate.stop().await.unwrap();
 }

@@ -10,14 +10,17 @@ use serde::Deserialize;
 use super::validate::{Errors, check_policy_names};
 use super::{RateLimitSettings, parse_duration};
 
-/// Every request type `openai-chatkit` 1.6 accepts (`chatkit/types.py`, `ChatKitReq`).
+/// Every request type `openai-chatkit` 1.6 accepts (`chatkit/types.py`, `ChatKitReq`), the
+/// streaming ones first.
 pub const CHATKIT_TYPES: &[&str] = &[
+    // Streaming (`StreamingReq`): the answer is an SSE stream; model work happens here.
     "threads.create",
     "threads.add_user_message",
     "threads.retry_after_item",
     "threads.add_client_tool_output",
     "threads.add_structured_input",
     "threads.custom_action",
+    // Non-streaming (`NonStreamingReq`).
     "threads.get_by_id",
     "threads.list",
     "items.list",
@@ -30,15 +33,8 @@ pub const CHATKIT_TYPES: &[&str] = &[
     "threads.sync_custom_action",
 ];
 
-/// The types whose answer is an SSE stream (`StreamingReq`): where model work happens.
-pub const STREAMING_TYPES: &[&str] = &[
-    "threads.create",
-    "threads.add_user_message",
-    "threads.retry_after_item",
-    "threads.add_client_tool_output",
-    "threads.add_structured_input",
-    "threads.custom_action",
-];
+/// The types whose answer is an SSE stream: the first six of [`CHATKIT_TYPES`].
+pub const STREAMING_TYPES: &[&str] = CHATKIT_TYPES.split_at(6).0;
 
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct RawChatKitServer {

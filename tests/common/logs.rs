@@ -27,6 +27,17 @@ impl Write for LogWriter {
     }
 }
 
+impl Logs {
+    /// The access-log lines (message "request") captured so far, parsed.
+    pub fn request_lines(&self) -> Vec<serde_json::Value> {
+        self.text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["fields"]["message"] == "request")
+            .collect()
+    }
+}
+
 /// Route this thread's tracing into a buffer until the guard is dropped.
 pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
     let logs = Logs::default();
