@@ -120,26 +120,41 @@ impl AppPool {
         replay: Option<Request<GateBody>>,
         retried: impl FnOnce(&SendError),
     ) -> Result<(Response<Incoming>, Lent), SendError> {
+        // Connecting is boxed: its future is large and rarely needed, and every request's
+        // state would otherwise carry room for it.
         let (mut tx, reused) = match self.inner.take() {
             Some(tx) => (tx, true),
-            None => (self.connect().await?, false),
+            None => (Box::pin(self.connect()).await?, false),
         };
-        match tx.try_send_request(req).await {
-            Ok(resp) => Ok((resp, self.lend(tx))),
-            Err(mut e) => {
-                let unsent = e.take_message();
-                let error = SendError::Http(e.into_error());
-                let again = match (reused && error.is_stale(), unsent, replay) {
-                    (true, Some(req), _) | (true, None, Some(req)) => req,
-                    _ => return Err(error),
-                };
-                retried(&error);
-                drop(tx);
-                let mut tx = self.connect().await?;
-                let resp = tx.send_request(again).await?;
-                Ok((resp, self.lend(tx)))
-            }
-        }
+        // Boxed: the retry is rare, and its state would otherwise widen every request's.
+        let retry = Box::pin(match tx.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, self.lend(tx))),
+            Err(e) => self.retry(e, tx, reused, replay, retried),
+        });
+        retry.await
+    }
+
+    /// A request the connection did not answer: sent once more on a new connection when that
+    /// is safe (see [`AppPool::send`]), else the error.
+    async fn retry(
+        &self,
+        mut e: hyper::client::conn::TrySendError<Request<GateBody>>,
+        tx: http1::SendRequest<GateBody>,
+        reused: bool,
+        replay: Option<Request<GateBody>>,
+        retried: impl FnOnce(&SendError),
+    ) -> Result<(Response<Incoming>, Lent), SendError> {
+        let unsent = e.take_message();
+        let error = SendError::Http(e.into_error());
+        let again = match (reused && error.is_stale(), unsent, replay) {
+            (true, Some(req), _) | (true, None, Some(req)) => req,
+            _ => return Err(error),
+        };
+        retried(&error);
+        drop(tx);
+        let mut tx = self.connect().await?;
+        let resp = tx.send_request(again).await?;
+        Ok((resp, self.lend(tx)))
     }
 
     fn lend(&self, tx: http1::SendRequest<GateBody>) -> Lent {

@@ -339,7 +339,7 @@ impl Gateway {
     /// Serve one request from a client connection. Never fails: errors become answers here.
     pub async fn serve(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
         tls: bool,
         conn: Arc<ConnActivity>,
@@ -372,7 +372,6 @@ impl Gateway {
             rejected: false,
         };
 
-        let mut req = req;
         let mut resp = if !https {
             https::plain_http_answer(req.method(), req.uri(), req.headers(), &self.server)
         } else {
@@ -382,7 +381,12 @@ impl Gateway {
                     observer.route = Some(route.index);
                     let ctx = RequestContext { request_id: request_id.clone(), client_ip, route, https };
                     let conn = observer.conn.clone();
-                    let (resp, error) = self.handle(req, &ctx, peer, admitted, &conn).await;
+                    // Split in a block, so the parts are not kept twice across the await.
+                    let (resp, error) = {
+                        let (parts, body) = req.into_parts();
+                        self.handle(parts, body, &ctx, peer, admitted, &conn)
+                    }
+                    .await;
                     observer.error = error;
                     resp
                 }
@@ -415,13 +419,13 @@ impl Gateway {
     /// The phases, in order. Returns the answer and the error it came from, if any (for the log).
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: Incoming,
         ctx: &RequestContext,
         peer: SocketAddr,
         admitted: Admitted,
         conn: &Arc<ConnActivity>,
     ) -> (Response<GateBody>, Option<GateError>) {
-        let (mut parts, body) = req.into_parts();
         let auth = match &self.auth {
             Some(a) => match a.authorize(&ctx.route, &mut parts, ctx).await {
                 Ok(r) => r,
@@ -450,15 +454,19 @@ impl Gateway {
             host: &admitted.host,
             prior_forwarded_for: admitted.cleaned.prior_forwarded_for.as_deref(),
         };
-        let result = match ctx.route.kind {
-            RouteKind::ChatKit(endpoint) => match (&self.chatkit, auth.identity.clone()) {
-                // Boxed: a rare path with a large future, kept out of every proxied request's state.
-                (Some(ck), Some(identity)) => Box::pin(ck.handle(endpoint, parts, body, identity, ctx)).await,
-                _ => Err(GateError::Unauthorized),
-            },
+        // What goes to the app, if anything; one call to `forward` for every route kind, so a
+        // request's state has room for one exchange.
+        let (parts, body, upgrade, guard) = match ctx.route.kind {
+            RouteKind::ChatKit(endpoint) => {
+                let result = match (&self.chatkit, auth.identity.clone()) {
+                    // Boxed: a rare path with a large future, kept out of every proxied request's state.
+                    (Some(ck), Some(identity)) => Box::pin(ck.handle(endpoint, parts, body, identity, ctx)).await,
+                    _ => Err(GateError::Unauthorized),
+                };
+                return self.finish(result, auth.set_cookies, limits);
+            }
             RouteKind::Proxy => {
-                let body = GateBody::upload(body, self.server.body_timeout);
-                self.forward(parts, body, &f, admitted.cleaned.upgrade, conn).await
+                (parts, GateBody::upload(body, self.server.body_timeout), admitted.cleaned.upgrade, None)
             }
             RouteKind::ChatKitServer => {
                 let identity = auth.identity.as_deref();
@@ -466,24 +474,38 @@ impl Gateway {
                     Ok(a) => {
                         limits = a.limits;
                         // ChatKit requests are POSTs: never an upgrade.
-                        self.forward(a.parts, a.body, &f, None, conn).await.map(|r| match a.guard {
-                            Some(guard) => r.map(|b| b.with_guard(guard)),
-                            None => r,
-                        })
+                        (a.parts, a.body, None, a.guard)
                     }
-                    Err((resp, e)) => match e {
-                        Some(e) => Err(e),
-                        None => Ok(resp),
-                    },
+                    Err((resp, e)) => {
+                        let result = match e {
+                            Some(e) => Err(e),
+                            None => Ok(resp),
+                        };
+                        return self.finish(result, auth.set_cookies, limits);
+                    }
                 }
             }
         };
+        let result = self.forward(parts, body, &f, upgrade, conn).await.map(|r| match guard {
+            Some(guard) => r.map(|b| b.with_guard(guard)),
+            None => r,
+        });
+        self.finish(result, auth.set_cookies, limits)
+    }
+
+    /// The answer and the error it came from, with the auth cookies and rate-limit headers.
+    fn finish(
+        &self,
+        result: Result<Response<GateBody>, GateError>,
+        set_cookies: Vec<HeaderValue>,
+        limits: Option<crate::ratelimit::RateLimitHeaders>,
+    ) -> (Response<GateBody>, Option<GateError>) {
         let (mut resp, error) = match result {
             Ok(r) => (r, None),
             Err(e) => failed(e),
         };
         let headers = resp.headers_mut();
-        for cookie in auth.set_cookies {
+        for cookie in set_cookies {
             headers.append(SET_COOKIE, cookie);
         }
         if let Some(limits) = limits {
@@ -530,9 +552,7 @@ impl Gateway {
         upstream::set_forwarding_headers(&mut parts.headers, f);
         parts.uri = upstream::origin_form(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
-        let req = Request::from_parts(parts, body);
-
-        let (mut resp, lent) = self.upstream.send(req).await?;
+        let (mut resp, lent) = self.upstream.send(Request::from_parts(parts, body)).await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (Some(asked), Some(client)) = (asked, client_upgrade) else {
                 tracing::warn!("app answered 101 to a request that did not ask to upgrade");

@@ -90,12 +90,15 @@ impl Upstream {
     /// app's.
     pub async fn send(&self, req: Request<GateBody>) -> Result<(Response<Incoming>, Lent), GateError> {
         let upload = req.body().upload_state();
-        let replay = replayable(&req).then(|| crate::client::replay_of(&req));
         let started = Instant::now();
-        let exchange = self.pool.send(req, replay, |e| {
-            self.retries.inc();
-            tracing::debug!(error = %e, "pooled connection closed before answering: retrying on a fresh one");
-        });
+        // In a block, so that the copy for a replay is only kept inside the exchange's state.
+        let exchange = {
+            let replay = replayable(&req).then(|| crate::client::replay_of(&req));
+            self.pool.send(req, replay, |e| {
+                self.retries.inc();
+                tracing::debug!(error = %e, "pooled connection closed before answering: retrying on a fresh one");
+            })
+        };
         tokio::pin!(exchange);
         let early = match &upload {
             Some(up) if !up.is_sent() => tokio::select! {
