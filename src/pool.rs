@@ -129,7 +129,10 @@ impl AppPool {
         // Boxed: the retry is rare, and its state would otherwise widen every request's.
         let retry = Box::pin(match tx.try_send_request(req).await {
             Ok(resp) => return Ok((resp, self.lend(tx))),
-            Err(e) => self.retry(e, tx, reused, replay, retried),
+            Err(e) => {
+                drop(tx);
+                self.retry(e, reused, replay, retried)
+            }
         });
         retry.await
     }
@@ -139,7 +142,6 @@ impl AppPool {
     async fn retry(
         &self,
         mut e: hyper::client::conn::TrySendError<Request<GateBody>>,
-        tx: http1::SendRequest<GateBody>,
         reused: bool,
         replay: Option<Request<GateBody>>,
         retried: impl FnOnce(&SendError),
@@ -151,7 +153,6 @@ impl AppPool {
             _ => return Err(error),
         };
         retried(&error);
-        drop(tx);
         let mut tx = self.connect().await?;
         let resp = tx.send_request(again).await?;
         Ok((resp, self.lend(tx)))

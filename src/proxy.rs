@@ -463,7 +463,7 @@ impl Gateway {
                     (Some(ck), Some(identity)) => Box::pin(ck.handle(endpoint, parts, body, identity, ctx)).await,
                     _ => Err(GateError::Unauthorized),
                 };
-                return self.finish(result, auth.set_cookies, limits);
+                return finish(result, auth.set_cookies, limits);
             }
             RouteKind::Proxy => {
                 (parts, GateBody::upload(body, self.server.body_timeout), admitted.cleaned.upgrade, None)
@@ -481,7 +481,7 @@ impl Gateway {
                             Some(e) => Err(e),
                             None => Ok(resp),
                         };
-                        return self.finish(result, auth.set_cookies, limits);
+                        return finish(result, auth.set_cookies, limits);
                     }
                 }
             }
@@ -490,28 +490,7 @@ impl Gateway {
             Some(guard) => r.map(|b| b.with_guard(guard)),
             None => r,
         });
-        self.finish(result, auth.set_cookies, limits)
-    }
-
-    /// The answer and the error it came from, with the auth cookies and rate-limit headers.
-    fn finish(
-        &self,
-        result: Result<Response<GateBody>, GateError>,
-        set_cookies: Vec<HeaderValue>,
-        limits: Option<crate::ratelimit::RateLimitHeaders>,
-    ) -> (Response<GateBody>, Option<GateError>) {
-        let (mut resp, error) = match result {
-            Ok(r) => (r, None),
-            Err(e) => failed(e),
-        };
-        let headers = resp.headers_mut();
-        for cookie in set_cookies {
-            headers.append(SET_COOKIE, cookie);
-        }
-        if let Some(limits) = limits {
-            limits.apply(headers);
-        }
-        (resp, error)
+        finish(result, auth.set_cookies, limits)
     }
 
     /// Check what the app will be told before anything else runs: the method, the header block's
@@ -585,6 +564,26 @@ impl Gateway {
         upstream::remove_hop_by_hop(&mut parts.headers, false);
         Ok(Response::from_parts(parts, GateBody::from_app(body, lent)))
     }
+}
+
+/// The answer and the error it came from, with the auth cookies and rate-limit headers.
+fn finish(
+    result: Result<Response<GateBody>, GateError>,
+    set_cookies: Vec<HeaderValue>,
+    limits: Option<crate::ratelimit::RateLimitHeaders>,
+) -> (Response<GateBody>, Option<GateError>) {
+    let (mut resp, error) = match result {
+        Ok(r) => (r, None),
+        Err(e) => failed(e),
+    };
+    let headers = resp.headers_mut();
+    for cookie in set_cookies {
+        headers.append(SET_COOKIE, cookie);
+    }
+    if let Some(limits) = limits {
+        limits.apply(headers);
+    }
+    (resp, error)
 }
 
 /// What admission established for a request that may go on.
