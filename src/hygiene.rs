@@ -336,10 +336,9 @@ pub fn clean_request_headers(
     upstream::drop_length_beside_chunked(headers);
     let prefix = rules.identity_prefix.as_bytes();
     // The hop-by-hop names present are noted on the same pass: only they are removed.
-    let mut hop = [false; upstream::HOP_BY_HOP.len()];
+    let mut hop = upstream::HopByHop::default();
     for name in headers.keys() {
-        if let Some(i) = upstream::HOP_BY_HOP.iter().position(|h| h == name) {
-            hop[i] = true;
+        if hop.note(name) {
             continue;
         }
         let n = name.as_str().as_bytes();
@@ -350,9 +349,7 @@ pub fn clean_request_headers(
             named.push(name.clone());
         }
     }
-    for (name, _) in upstream::HOP_BY_HOP.iter().zip(hop).filter(|(_, present)| *present) {
-        headers.remove(name);
-    }
+    hop.remove_from(headers);
     for name in named {
         headers.remove(name);
     }

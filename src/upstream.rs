@@ -265,19 +265,44 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
+/// Which of [`HOP_BY_HOP`] a header block has, noted on a pass the caller makes over its names
+/// anyway, so that only those are removed (usually just `Connection`) instead of a lookup for
+/// each of the nine.
+#[derive(Default)]
+pub(crate) struct HopByHop([bool; HOP_BY_HOP.len()]);
+
+impl HopByHop {
+    /// Note `name`; true when it is hop-by-hop.
+    pub(crate) fn note(&mut self, name: &HeaderName) -> bool {
+        match HOP_BY_HOP.iter().position(|h| h == name) {
+            Some(i) => {
+                self.0[i] = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.0.contains(&true)
+    }
+
+    pub(crate) fn remove_from(&self, headers: &mut HeaderMap) {
+        for (name, _) in HOP_BY_HOP.iter().zip(self.0).filter(|(_, present)| *present) {
+            headers.remove(name);
+        }
+    }
+}
+
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`, from an
 /// answer of the app (requests go through [`crate::hygiene::clean_request_headers`]).
 /// With `upgrade`, `Connection: upgrade` and `Upgrade` survive (the tunnel needs them).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names finds the hop-by-hop ones present (usually just `Connection`):
-    // only those are removed, instead of a lookup for each of the nine.
-    let mut present = [false; HOP_BY_HOP.len()];
+    let mut present = HopByHop::default();
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
-        }
+        present.note(name);
     }
-    if !upgrade && !present.contains(&true) {
+    if !upgrade && !present.any() {
         return;
     }
     drop_length_beside_chunked(headers);
@@ -293,9 +318,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         }
     }
     let upgrade_value = if upgrade { headers.get(UPGRADE).cloned() } else { None };
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
-        headers.remove(name);
-    }
+    present.remove_from(headers);
     if let Some(v) = upgrade_value {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, v);
