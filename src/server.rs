@@ -145,6 +145,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         https = %addrs.0,
         redirect = ?addrs.1,
         admin = %admin_addr,
+        workers = tokio::runtime::Handle::current().metrics().num_workers(),
         version = env!("CARGO_PKG_VERSION"),
         "chatkit-gate listening"
     );

@@ -503,6 +503,67 @@ fn malformed_and_oversize_requests_are_answered_and_logged() {
     assert_eq!(app.count(), 0);
 }
 
+/// `server.workers = 1` runs everything on one thread (tokio's current-thread runtime): HTTP/1.1
+/// and HTTP/2 are proxied, a slow request in flight at SIGTERM still finishes, and the process
+/// exits 0. (The other process tests run with the default, one worker per CPU.)
+#[test]
+fn one_worker_serves_both_protocols_and_drains_on_sigterm() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt.block_on(FakeApp::start());
+    let mut gate = GateBuilder::new(&app.url())
+        .server("workers = 1\nshutdown_grace = \"10s\"")
+        .shutdown_delay("0s")
+        .spawn_process();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut logs = gate.logs();
+    while !logs.contains("chatkit-gate listening") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20)); // lines are written in batches
+        logs = gate.logs();
+    }
+    let listening = logs.lines().find(|l| l.contains("chatkit-gate listening")).expect("start-up line");
+    assert!(listening.contains("\"workers\":1"), "{listening}");
+    let (h1, h2) = (gate.client(), gate.client_h2());
+    let (a, b) = rt.block_on(async {
+        let a = h1.get(gate.url("/hello")).send().await.unwrap();
+        let b = h2.get(gate.url("/hello")).send().await.unwrap();
+        ((a.version(), a.text().await.unwrap()), (b.version(), b.text().await.unwrap()))
+    });
+    assert_eq!(a, (reqwest::Version::HTTP_11, "hello from app".to_string()));
+    assert_eq!(b, (reqwest::Version::HTTP_2, "hello from app".to_string()));
+    let url = gate.url("/slow?ms=1500");
+    let req = rt.spawn(async move {
+        let r = h1.get(url).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    gate.signal("TERM");
+    let (status, body) = rt.block_on(req).unwrap();
+    assert_eq!((status, body.as_str()), (200, "slow done"));
+    let exit = gate.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "exit {exit:?}; log:\n{}", gate.logs());
+    assert_eq!(app.count(), 3);
+}
+
+#[test]
+fn an_unusable_worker_count_from_the_environment_is_refused_at_start() {
+    // Refused before anything is bound: the two addresses are never opened.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:1\"\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n[admin]\nlisten = \"127.0.0.1:2\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatkit-gate"))
+        .args(["--config", path.to_str().unwrap()])
+        .env("TOKIO_WORKER_THREADS", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("TOKIO_WORKER_THREADS=\"0\": expected a number from 1 to 1024"), "{stderr}");
+}
+
 #[test]
 fn sigint_also_drains_and_exits_zero() {
     let rt = tokio::runtime::Runtime::new().unwrap();

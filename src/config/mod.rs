@@ -123,6 +123,9 @@ pub struct ServerSettings {
     pub max_body_bytes: Option<u64>,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Threads serving connections; `None`: `TOKIO_WORKER_THREADS`, else the CPUs this process
+    /// may use (cgroup quota and affinity included). See [`ServerSettings::worker_threads`].
+    pub workers: Option<usize>,
     pub shutdown_grace: Duration,
     /// After SIGTERM: keep serving (with `/readyz` 503) this long before the listeners close,
     /// while load balancers stop routing here.
@@ -133,6 +136,30 @@ pub struct ServerSettings {
     pub upgrades: Vec<String>,
     /// Forward client header names containing `_` (dropped by default, like nginx).
     pub allow_underscore_headers: bool,
+}
+
+/// Upper bound on `server.workers` (and `TOKIO_WORKER_THREADS`).
+pub const MAX_WORKERS: usize = 1024;
+
+impl ServerSettings {
+    /// Threads to serve with: `server.workers`, else `TOKIO_WORKER_THREADS`, else the CPUs this
+    /// process may use (`available_parallelism` reads the cgroup CPU quota and the affinity mask,
+    /// so a pod limited to one CPU gets one). An unusable `TOKIO_WORKER_THREADS` is an error.
+    pub fn worker_threads(&self) -> Result<usize, String> {
+        if let Some(workers) = self.workers {
+            return Ok(workers);
+        }
+        match std::env::var("TOKIO_WORKER_THREADS") {
+            Ok(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(n),
+                _ => Err(format!("TOKIO_WORKER_THREADS={v:?}: expected a number from 1 to {MAX_WORKERS}")),
+            },
+            Err(std::env::VarError::NotUnicode(_)) => Err("TOKIO_WORKER_THREADS is not valid UTF-8".into()),
+            Err(std::env::VarError::NotPresent) => {
+                Ok(std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -627,6 +654,20 @@ mod tests {
                 "server.max_connections: expected an integer, found a string"
             ]
         );
+    }
+
+    #[test]
+    fn workers_are_bounded_and_an_explicit_value_wins() {
+        let with = |w: &str| {
+            MINIMAL.replace("listen = \"127.0.0.1:8443\"", &format!("listen = \"127.0.0.1:8443\"\nworkers = {w}"))
+        };
+        assert_eq!(errors(&with("0")), vec!["server.workers: must be between 1 and 1024"]);
+        assert_eq!(errors(&with("1025")), vec!["server.workers: must be between 1 and 1024"]);
+        let config = Config::from_toml(&with("3")).unwrap();
+        assert_eq!(config.server.workers, Some(3));
+        // Set in the file, TOKIO_WORKER_THREADS (read only when the key is absent) is not consulted.
+        assert_eq!(config.server.worker_threads(), Ok(3));
+        assert_eq!(Config::from_toml(MINIMAL).unwrap().server.workers, None);
     }
 
     #[test]

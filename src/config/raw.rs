@@ -38,6 +38,7 @@ pub(super) struct RawServer {
     pub(super) max_body_bytes: Option<u64>,
     pub(super) idle_timeout: Option<String>,
     pub(super) max_connections: Option<usize>,
+    pub(super) workers: Option<usize>,
     pub(super) shutdown_grace: Option<String>,
     pub(super) shutdown_delay: Option<String>,
     pub(super) body_timeout: Option<String>,

@@ -298,6 +298,10 @@ impl GateProcess {
         super::certs::reqwest_client(&self.ca_pem, false)
     }
 
+    pub fn client_h2(&self) -> reqwest::Client {
+        super::certs::reqwest_client(&self.ca_pem, true)
+    }
+
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
