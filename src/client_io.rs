@@ -45,7 +45,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for ClientIo<
         let r = Pin::new(io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             if buf.filled().len() > before {
-                this.conn.bytes_received(this.clock.now_ms());
+                this.conn.bytes_received(&this.clock);
             } else if buf.remaining() > 0 {
                 this.eof = true;
             }

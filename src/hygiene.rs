@@ -211,6 +211,8 @@ pub fn request_host(
         return Err(bad);
     }
     let authority = uri.authority().map(|a| a.as_str());
+    // The Host header itself when it is what was chosen: its value is kept, not copied.
+    let from_header = matches!((version, authority, host_header), (_, None, Some(_)));
     let chosen: &[u8] = match (version, authority, host_header) {
         (Version::HTTP_2 | Version::HTTP_3, Some(a), Some(h)) => {
             if !a.as_bytes().eq_ignore_ascii_case(h.as_bytes()) {
@@ -233,7 +235,10 @@ pub fn request_host(
     if !hosts.is_empty() && !hosts.contains(&host_name(text)) {
         return Err(GateError::MisdirectedRequest);
     }
-    HeaderValue::from_str(text).map_err(|_| bad)
+    match host_header {
+        Some(h) if from_header => Ok(h.clone()),
+        _ => HeaderValue::from_str(text).map_err(|_| bad),
+    }
 }
 
 /// Does `name` (already lower-case) start with `prefix`, reading `_` in `name` as `-`?

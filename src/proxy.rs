@@ -68,12 +68,13 @@ impl ConnActivity {
     }
 
     /// Bytes arrived from the client: between requests on HTTP/1 they start a request head.
-    pub fn bytes_received(&self, now_ms: u64) {
+    /// The clock is read only then (not on every read).
+    pub fn bytes_received(&self, clock: &Clock) {
         if !self.multiplexed.load(Ordering::Relaxed)
             && self.in_flight.load(Ordering::Acquire) == 0
             && self.head_since_ms.load(Ordering::Relaxed) == NOT_WAITING
         {
-            self.head_since_ms.store(now_ms, Ordering::Relaxed);
+            self.head_since_ms.store(clock.now_ms(), Ordering::Relaxed);
         }
     }
 
@@ -144,7 +145,7 @@ impl Observer {
         }
     }
 
-    /// The route's index in `Gateway::route_durations`.
+    /// The route's index in `Gateway::route_metrics`.
     fn route_slot(&self) -> usize {
         let n = self.gateway.routes.all().len();
         match self.route {
@@ -168,8 +169,9 @@ impl crate::body::BodyGuard for Observer {
             Some(s) => s.as_str(),
             None => "499",
         };
-        m.http_requests.with_label_values(&[route, method_label(&self.method), status_label]).inc();
-        self.gateway.route_durations[self.route_slot()].observe(elapsed.as_secs_f64());
+        let slot = &self.gateway.route_metrics[self.route_slot()];
+        slot.count(&m.http_requests, route, method_label(&self.method), status, status_label);
+        slot.duration.observe(elapsed.as_secs_f64());
         let stream_ms = match (self.streamed, self.headers_at) {
             (true, Some(at)) => {
                 let d = at.elapsed();
@@ -253,7 +255,7 @@ impl Default for Clock {
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
     /// `chatkit_gate_http_request_duration_seconds` per route label, resolved once.
-    route_durations: Vec<prometheus::Histogram>,
+    route_metrics: Vec<RouteMetrics>,
     pub(crate) server: ServerSettings,
     routes: RouteTable,
     upstream: Upstream,
@@ -283,15 +285,18 @@ impl Gateway {
     ) -> anyhow::Result<Gateway> {
         let chatkit_servers = ChatKitServers::new(config, &routes, limiter.as_deref(), metrics.clone(), audit)?;
         // By route index, then `rejected`, then `https_redirect` (see `Observer::route_slot`).
-        let route_durations = routes
+        let route_metrics = routes
             .all()
             .iter()
             .map(|r| r.name.as_str())
             .chain(["rejected", "https_redirect"])
-            .map(|name| metrics.http_request_duration.with_label_values(&[name]))
+            .map(|name| RouteMetrics {
+                duration: metrics.http_request_duration.with_label_values(&[name]),
+                requests: std::sync::RwLock::default(),
+            })
             .collect();
         Ok(Gateway {
-            route_durations,
+            route_metrics,
             chatkit_servers,
             server: config.server.clone(),
             routes,
@@ -402,6 +407,10 @@ impl Gateway {
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let headers = resp.headers_mut();
+        // Unique per request: HTTP/2 sends it as a never-indexed literal, not through the HPACK
+        // table (an entry per answer would only evict the ones worth keeping).
+        let mut request_id = request_id;
+        request_id.set_sensitive(true);
         headers.insert(&X_REQUEST_ID, request_id);
         if version <= http::Version::HTTP_11 && self.is_draining() && !switching {
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -584,6 +593,37 @@ fn finish(
         limits.apply(headers);
     }
     (resp, error)
+}
+
+/// A route's request metrics, resolved once: its duration histogram, and the request counters
+/// met so far by method and status (a label lookup hashes three strings on every request; this
+/// is a scan of a few entries under a read lock).
+struct RouteMetrics {
+    duration: prometheus::Histogram,
+    requests: std::sync::RwLock<Vec<(&'static str, u16, prometheus::IntCounter)>>,
+}
+
+/// Request counters kept per route; further method/status pairs are looked up each time.
+const ROUTE_COUNTERS_KEPT: usize = 32;
+
+impl RouteMetrics {
+    /// Count one answered request in `chatkit_gate_http_requests_total`.
+    fn count(&self, vec: &prometheus::IntCounterVec, route: &str, method: &'static str, status: u16, label: &str) {
+        if let Ok(kept) = self.requests.read()
+            && let Some((_, _, counter)) = kept.iter().find(|(m, s, _)| *s == status && *m == method)
+        {
+            counter.inc();
+            return;
+        }
+        let counter = vec.with_label_values(&[route, method, label]);
+        counter.inc();
+        if let Ok(mut kept) = self.requests.write()
+            && kept.len() < ROUTE_COUNTERS_KEPT
+            && !kept.iter().any(|(m, s, _)| *s == status && *m == method)
+        {
+            kept.push((method, status, counter));
+        }
+    }
 }
 
 /// What admission established for a request that may go on.

@@ -247,6 +247,7 @@ impl Protocols {
     fn new(config: &Config) -> Protocols {
         let mut h1 = http1::Builder::new();
         h1_settings!(h1, config);
+        h1.writev(false);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2_settings!(h2, config);
         let mut auto = auto::Builder::new(TokioExecutor::new());
@@ -476,6 +477,8 @@ async fn drive<C: Serving>(mut conn: std::pin::Pin<&mut C>, peer: SocketAddr, ct
     let mut closing = false;
     loop {
         tokio::select! {
+            // The connection first (it is what woke the task nearly every time); no random order.
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     let e: Box<dyn std::error::Error + Send + Sync> = e.into();

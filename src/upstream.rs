@@ -274,13 +274,22 @@ pub(crate) struct HopByHop([bool; HOP_BY_HOP.len()]);
 impl HopByHop {
     /// Note `name`; true when it is hop-by-hop.
     pub(crate) fn note(&mut self, name: &HeaderName) -> bool {
-        match HOP_BY_HOP.iter().position(|h| h == name) {
-            Some(i) => {
-                self.0[i] = true;
-                true
-            }
-            None => false,
-        }
+        // One string match (length first) instead of nine name comparisons; the indices are
+        // those of HOP_BY_HOP (pinned by a test).
+        let i = match name.as_str() {
+            "connection" => 0,
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "proxy-authorization" => 3,
+            "proxy-authenticate" => 4,
+            "te" => 5,
+            "trailer" => 6,
+            "transfer-encoding" => 7,
+            "upgrade" => 8,
+            _ => return false,
+        };
+        self.0[i] = true;
+        true
     }
 
     fn any(&self) -> bool {
@@ -306,7 +315,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         return;
     }
     drop_length_beside_chunked(headers);
-    if headers.contains_key(CONNECTION) {
+    // Most apps send only `Connection: keep-alive`: nothing more to remove by name.
+    if connection_tokens(headers).any(|t| !t.eq_ignore_ascii_case("keep-alive")) {
         let named: Vec<HeaderName> = connection_tokens(headers)
             // `keep-alive` names a header of the list above, removed below when present.
             .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
@@ -366,6 +376,22 @@ mod tests {
 
     fn nets(v: &[&str]) -> Vec<IpNet> {
         v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn hop_by_hop_note_marks_each_name_at_its_index_and_nothing_else() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let mut seen = HopByHop::default();
+            assert!(seen.note(name), "{name}");
+            let mut want = [false; HOP_BY_HOP.len()];
+            want[i] = true;
+            assert_eq!(seen.0, want, "{name}");
+        }
+        let mut seen = HopByHop::default();
+        for other in ["host", "x-connection", "connections", "tes", "upgrade-insecure-requests", "keep_alive"] {
+            assert!(!seen.note(&HeaderName::from_static(other)), "{other}");
+        }
+        assert!(!seen.any());
     }
 
     #[test]
