@@ -172,13 +172,29 @@ impl<'a> JsonLine<'a> {
         self
     }
 
+    /// An IP address as a string (IPv4 without the formatting machinery).
+    pub fn ip(&mut self, key: &str, ip: std::net::IpAddr) -> &mut Self {
+        let std::net::IpAddr::V4(v4) = ip else { return self.display(key, ip) };
+        self.key(key);
+        self.out.push('"');
+        let mut digits = itoa::Buffer::new();
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                self.out.push('.');
+            }
+            self.out.push_str(digits.format(octet));
+        }
+        self.out.push('"');
+        self
+    }
+
     pub fn display(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Self {
         use std::fmt::Write as _;
         self.key(key);
         self.out.push('"');
         let start = self.out.len();
         let _ = write!(self.out, "{value}");
-        if self.out[start..].bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        if self.out[start..].bytes().any(needs_escape) {
             let raw = self.out.split_off(start);
             self.out.pop();
             push_json_str(self.out, &raw);
@@ -188,10 +204,22 @@ impl<'a> JsonLine<'a> {
         self
     }
 
-    pub fn num(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Self {
-        use std::fmt::Write as _;
+    /// An integer, as serde_json writes it.
+    pub fn uint(&mut self, key: &str, value: u64) -> &mut Self {
         self.key(key);
-        let _ = write!(self.out, "{value}");
+        self.out.push_str(itoa::Buffer::new().format(value));
+        self
+    }
+
+    /// A float, as serde_json (and so tracing's JSON format) writes it: shortest round-trip
+    /// digits by the same algorithm (`2.0`, not `2`), `null` when not finite.
+    pub fn float(&mut self, key: &str, value: f64) -> &mut Self {
+        self.key(key);
+        if value.is_finite() {
+            self.out.push_str(zmij::Buffer::new().format_finite(value));
+        } else {
+            self.out.push_str("null");
+        }
         self
     }
 
@@ -201,47 +229,86 @@ impl<'a> JsonLine<'a> {
         self.out.push_str("}\n");
     }
 
+    /// Keys are the gate's own field names, which need no escaping.
     fn key(&mut self, key: &str) {
-        self.out.push(',');
-        push_json_str(self.out, key);
-        self.out.push(':');
+        debug_assert!(!key.bytes().any(needs_escape), "{key:?}");
+        self.out.push_str(",\"");
+        self.out.push_str(key);
+        self.out.push_str("\":");
     }
 }
 
+/// A JSON string, escaped as serde_json escapes it (quote, backslash and control characters;
+/// everything else as is). Runs needing no escape are copied whole.
 fn push_json_str(out: &mut String, s: &str) {
-    use std::fmt::Write as _;
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !needs_escape(b) {
+            continue;
+        }
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            _ => "",
+        };
+        // Only ASCII bytes get here: `start..i` is on character boundaries.
+        out.push_str(&s[start..i]);
+        start = i + 1;
+        if escaped.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escaped);
         }
     }
+    out.push_str(&s[start..]);
     out.push('"');
+}
+
+/// Quote, backslash and control characters are escaped in JSON strings.
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// `value` in decimal, zero-padded to `width` digits.
+fn push_padded(out: &mut String, value: u64, width: usize) {
+    let mut digits = itoa::Buffer::new();
+    let text = digits.format(value);
+    for _ in text.len()..width {
+        out.push('0');
+    }
+    out.push_str(text);
 }
 
 /// `2026-11-26T10:23:51.364458Z` (UTC, microseconds), as tracing-subscriber writes it.
 fn push_rfc3339_micros(out: &mut String, t: std::time::SystemTime) {
-    use std::fmt::Write as _;
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = crate::audit::civil_from_days(days as i64);
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        d.subsec_micros()
-    );
+    push_padded(out, y.max(0) as u64, 4);
+    out.push('-');
+    push_padded(out, u64::from(m), 2);
+    out.push('-');
+    push_padded(out, u64::from(day), 2);
+    out.push('T');
+    push_padded(out, rem / 3600, 2);
+    out.push(':');
+    push_padded(out, rem / 60 % 60, 2);
+    out.push(':');
+    push_padded(out, rem % 60, 2);
+    out.push('.');
+    push_padded(out, u64::from(d.subsec_micros()), 6);
+    out.push('Z');
 }
 
 #[cfg(test)]
@@ -272,9 +339,9 @@ mod tests {
         let mut out = String::new();
         JsonLine::start(&mut out, "INFO", "request")
             .str("route", "a\"b\\c")
-            .num("status", 200)
-            .num("duration_ms", 1.25)
-            .display("client_ip", std::net::IpAddr::from([203, 0, 113, 9]))
+            .uint("status", 200)
+            .float("duration_ms", 1.25)
+            .ip("client_ip", std::net::IpAddr::from([203, 0, 113, 9]))
             .finish("chatkit_gate::proxy");
         assert!(out.ends_with("}\n"));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -295,6 +362,37 @@ mod tests {
         let mut leap = String::new();
         push_rfc3339_micros(&mut leap, std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400));
         assert_eq!(leap, "2000-02-29T00:00:00.000000Z");
+    }
+
+    /// Strings, numbers and addresses come out byte for byte as serde_json (tracing's JSON
+    /// format) writes them.
+    #[test]
+    fn values_are_written_exactly_as_serde_json_writes_them() {
+        let strings = ["", "plain", "a\"b\\c", "tab\tnl\ncr\r", "\u{8}\u{c}\u{1}\u{1f}", "é ünï 雪 🚀", "\u{7f}x"];
+        for s in strings {
+            let mut out = String::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+        for v in [0.0, 2.0, 1.25, 0.001, 1234.567, 1e-7, 12345678.9, f64::MAX, 0.1 + 0.2] {
+            let mut out = String::new();
+            JsonLine { out: &mut out }.float("v", v);
+            assert_eq!(out, format!(",\"v\":{}", serde_json::to_string(&v).unwrap()), "{v}");
+        }
+        let mut out = String::new();
+        JsonLine { out: &mut out }.float("v", f64::NAN).uint("n", u64::MAX);
+        assert_eq!(out, format!(",\"v\":null,\"n\":{}", u64::MAX));
+        for ip in ["0.0.0.0", "255.255.255.255", "10.0.12.7", "::1", "2001:db8::7"] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = String::new();
+            JsonLine { out: &mut out }.ip("ip", ip);
+            assert_eq!(out, format!(",\"ip\":\"{ip}\""));
+        }
+        let mut padded = String::new();
+        push_padded(&mut padded, 7, 4);
+        push_padded(&mut padded, 123456, 6);
+        push_padded(&mut padded, 42, 1);
+        assert_eq!(padded, "000712345642");
     }
 
     #[test]

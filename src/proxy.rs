@@ -197,12 +197,12 @@ impl crate::body::BodyGuard for Observer {
             _ => match crate::logwriter::json_sink() {
                 Some(sink) => ACCESS_LINE.with_borrow_mut(|buf| {
                     let mut line = crate::logwriter::JsonLine::start(buf, "INFO", "request");
-                    line.str("method", method.as_str()).str("route", route).num("status", status);
-                    line.num("duration_ms", duration_ms);
+                    line.str("method", method.as_str()).str("route", route).uint("status", u64::from(status));
+                    line.float("duration_ms", duration_ms);
                     if let Some(ms) = stream_ms {
-                        line.num("stream_ms", ms);
+                        line.float("stream_ms", ms);
                     }
-                    line.str("outcome", outcome).str("request_id", rid).display("client_ip", client_ip);
+                    line.str("outcome", outcome).str("request_id", rid).ip("client_ip", client_ip);
                     line.finish(module_path!());
                     sink.line(buf.as_bytes());
                 }),

@@ -38,15 +38,34 @@ pub(crate) fn pair_name(pair: &[u8]) -> &[u8] {
 /// Bytes fed to the cache key for a forwarded `Cookie` value: its pairs ordered by name (a
 /// stable sort: two pairs of one name keep their order), so the key does not depend on the
 /// order a browser happens to send them in — nor on where a rotated cookie ends up.
+#[cfg(test)]
 pub(crate) fn key_bytes(cookie: &[u8]) -> Vec<u8> {
-    let mut list: Vec<&[u8]> = pairs(cookie).collect();
-    list.sort_by(|a, b| pair_name(a).cmp(pair_name(b)));
     let mut out = Vec::with_capacity(cookie.len());
-    for p in list {
-        out.extend_from_slice(&(p.len() as u64).to_le_bytes());
-        out.extend_from_slice(p);
-    }
+    feed_key_bytes(cookie, |b| out.extend_from_slice(b));
     out
+}
+
+/// The length of [`key_bytes`] of `cookie`.
+pub(crate) fn key_bytes_len(cookie: &[u8]) -> usize {
+    pairs(cookie).map(|p| 8 + p.len()).sum()
+}
+
+/// Hand the bytes of [`key_bytes`] to `feed` in order, without building them: a lone pair (the
+/// usual session cookie) needs no sorting and no allocation.
+pub(crate) fn feed_key_bytes(cookie: &[u8], mut feed: impl FnMut(&[u8])) {
+    let mut it = pairs(cookie);
+    let (Some(first), second) = (it.next(), it.next()) else { return };
+    let Some(second) = second else {
+        feed(&(first.len() as u64).to_le_bytes());
+        feed(first);
+        return;
+    };
+    let mut list: Vec<&[u8]> = [first, second].into_iter().chain(it).collect();
+    list.sort_by(|a, b| pair_name(a).cmp(pair_name(b)));
+    for p in list {
+        feed(&(p.len() as u64).to_le_bytes());
+        feed(p);
+    }
 }
 
 /// One `Set-Cookie` value, as far as the gate needs to read it.
@@ -187,6 +206,17 @@ mod tests {
         assert_eq!(rotated(Some(&fwd), &[hv("a=1; Path=/")]), None, "same value: no change");
         assert_eq!(rotated(Some(&hv("s=1")), &[hv("s=gone; Expires=Thu, 01 Jan 1970 00:00:00 GMT")]), None);
         assert_eq!(rotated(Some(&fwd), &[]), None);
+    }
+
+    #[test]
+    fn key_bytes_are_length_prefixed_pairs_sorted_by_name() {
+        assert_eq!(key_bytes(b""), b"");
+        assert_eq!(key_bytes(b" ; "), b"");
+        assert_eq!(key_bytes(b"s=1"), [&3u64.to_le_bytes()[..], b"s=1"].concat());
+        assert_eq!(key_bytes(b"b=2; a=1"), [&3u64.to_le_bytes()[..], b"a=1", &3u64.to_le_bytes()[..], b"b=2"].concat());
+        for c in [&b""[..], b"s=1", b"b=2; a=1", b"x=1;y=22; a=333;"] {
+            assert_eq!(key_bytes_len(c), key_bytes(c).len(), "{c:?}");
+        }
     }
 
     #[test]

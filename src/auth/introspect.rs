@@ -67,17 +67,20 @@ impl CredentialRules {
 
     /// The cache key of a route, a forwarded cookie value and forwarded headers.
     pub fn key(&self, route: &str, cookie: Option<&[u8]>, forwarded: &[(HeaderName, HeaderValue)]) -> Key {
-        let mut h = Sha256::new();
-        h.update(self.salt);
-        let mut part = |bytes: &[u8]| {
+        fn part(h: &mut Sha256, bytes: &[u8]) {
             h.update((bytes.len() as u64).to_le_bytes());
             h.update(bytes);
-        };
-        part(route.as_bytes());
-        part(&super::cookies::key_bytes(cookie.unwrap_or_default()));
+        }
+        let mut h = Sha256::new();
+        h.update(self.salt);
+        part(&mut h, route.as_bytes());
+        // What part(&key_bytes(cookie)) would hash, without building those bytes.
+        let cookie = cookie.unwrap_or_default();
+        h.update((super::cookies::key_bytes_len(cookie) as u64).to_le_bytes());
+        super::cookies::feed_key_bytes(cookie, |b| h.update(b));
         for (name, value) in forwarded {
-            part(name.as_str().as_bytes());
-            part(value.as_bytes());
+            part(&mut h, name.as_str().as_bytes());
+            part(&mut h, value.as_bytes());
         }
         Key(h.finalize().into())
     }
@@ -85,24 +88,31 @@ impl CredentialRules {
     /// `name=value` pairs of the configured cookies (and their `.N` chunks), in request order;
     /// allocates only them.
     fn named_cookies(&self, headers: &HeaderMap) -> Option<HeaderValue> {
-        let mut out: Vec<u8> = Vec::new();
         // HTTP/2 clients may send one `cookie` field per pair: look at all of them.
-        for value in headers.get_all(COOKIE) {
-            for pair in value.as_bytes().split(|b| *b == b';') {
-                let pair = pair.trim_ascii();
-                let name = pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
-                if pair.len() > name.len()
-                    && self.cookies.iter().any(|c| super::cookies::is_name_or_chunk(name, c.as_bytes()))
-                {
-                    if !out.is_empty() {
-                        out.extend_from_slice(b"; ");
-                    }
-                    out.extend_from_slice(pair);
-                }
+        let matching = || {
+            headers.get_all(COOKIE).into_iter().flat_map(|value| {
+                value.as_bytes().split(|b| *b == b';').map(<[u8]>::trim_ascii).filter(|pair| {
+                    let name = pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+                    pair.len() > name.len()
+                        && self.cookies.iter().any(|c| super::cookies::is_name_or_chunk(name, c.as_bytes()))
+                })
+            })
+        };
+        let mut found = matching();
+        let first = found.next()?;
+        if found.next().is_none() {
+            // One pair: when it is a whole field (`Cookie: session=…` alone, or HTTP/2's one
+            // field per pair), that field's value is shared, not copied.
+            if let Some(whole) = headers.get_all(COOKIE).iter().find(|v| v.as_bytes() == first) {
+                return Some(whole.clone());
             }
         }
-        if out.is_empty() {
-            return None;
+        let mut out: Vec<u8> = Vec::with_capacity(headers.get_all(COOKIE).iter().map(HeaderValue::len).sum());
+        for pair in matching() {
+            if !out.is_empty() {
+                out.extend_from_slice(b"; ");
+            }
+            out.extend_from_slice(pair);
         }
         HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
     }
