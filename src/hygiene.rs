@@ -211,8 +211,6 @@ pub fn request_host(
         return Err(bad);
     }
     let authority = uri.authority().map(|a| a.as_str());
-    // The Host header itself when it is what was chosen: its value is kept, not copied.
-    let from_header = matches!((version, authority, host_header), (_, None, Some(_)));
     let chosen: &[u8] = match (version, authority, host_header) {
         (Version::HTTP_2 | Version::HTTP_3, Some(a), Some(h)) => {
             if !a.as_bytes().eq_ignore_ascii_case(h.as_bytes()) {
@@ -236,7 +234,8 @@ pub fn request_host(
         return Err(GateError::MisdirectedRequest);
     }
     match host_header {
-        Some(h) if from_header => Ok(h.clone()),
+        // The Host header's own value when it is what was chosen: shared, not copied.
+        Some(h) if h.as_bytes() == chosen => Ok(h.clone()),
         _ => HeaderValue::from_str(text).map_err(|_| bad),
     }
 }

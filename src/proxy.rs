@@ -254,7 +254,7 @@ impl Default for Clock {
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
-    /// `chatkit_gate_http_request_duration_seconds` per route label, resolved once.
+    /// Request counters and duration histogram per route label (see [`RouteMetrics`]).
     route_metrics: Vec<RouteMetrics>,
     pub(crate) server: ServerSettings,
     routes: RouteTable,

@@ -315,8 +315,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         return;
     }
     drop_length_beside_chunked(headers);
-    // Most apps send only `Connection: keep-alive`: nothing more to remove by name.
-    if connection_tokens(headers).any(|t| !t.eq_ignore_ascii_case("keep-alive")) {
+    if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = connection_tokens(headers)
             // `keep-alive` names a header of the list above, removed below when present.
             .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))

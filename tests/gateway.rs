@@ -327,6 +327,24 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     let app = rt.block_on(FakeApp::start());
     let mut gate = GateBuilder::new(&app.url()).server("shutdown_grace = \"10s\"").spawn_process();
     let client = gate.client();
+    slow_request_finishes_through_sigterm(&rt, &mut gate, client);
+    let logs = gate.logs();
+    assert!(logs.contains("shutdown requested"), "{logs}");
+    // One access-log line per request, JSON, with the fields operators grep for.
+    let line = logs.lines().find(|l| l.contains("\"route\":\"default\"")).expect("access log line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    for key in ["method", "route", "status", "duration_ms", "request_id", "client_ip"] {
+        assert!(v.get(key).is_some(), "access log lacks {key}: {line}");
+    }
+}
+
+/// A 1.5 s request is in flight when the process gets SIGTERM: it is answered whole, and the
+/// process then exits 0.
+fn slow_request_finishes_through_sigterm(
+    rt: &tokio::runtime::Runtime,
+    gate: &mut common::gate::GateProcess,
+    client: reqwest::Client,
+) {
     let url = gate.url("/slow?ms=1500");
     let req = rt.spawn(async move {
         let r = client.get(url).send().await.unwrap();
@@ -338,26 +356,26 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     assert_eq!((status, body.as_str()), (200, "slow done"));
     let exit = gate.wait_exit(Duration::from_secs(10));
     assert!(exit.success(), "exit {exit:?}; log:\n{}", gate.logs());
-    let logs = gate.logs();
-    assert!(logs.contains("shutdown requested"), "{logs}");
-    // One access-log line per request, JSON, with the fields operators grep for.
-    let line = logs.lines().find(|l| l.contains("\"route\":\"default\"")).expect("access log line");
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
-    for key in ["method", "route", "status", "duration_ms", "request_id", "client_ip"] {
-        assert!(v.get(key).is_some(), "access log lacks {key}: {line}");
-    }
 }
 
-/// Run `chatkit-gate check` on a config text; the exit code and what it printed to stderr.
-fn run_check(text: &str) -> (Option<i32>, String) {
+/// Run the binary with `args` before `--config` (a file holding `text`) and `env` set; the exit
+/// code and what it printed to stderr.
+fn run_binary(args: &[&str], text: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, text).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatkit-gate"))
-        .args(["check", "--config", path.to_str().unwrap()])
+        .args(args)
+        .args(["--config", path.to_str().unwrap()])
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Run `chatkit-gate check` on a config text; the exit code and what it printed to stderr.
+fn run_check(text: &str) -> (Option<i32>, String) {
+    run_binary(&["check"], text, &[])
 }
 
 #[test]
@@ -530,37 +548,19 @@ fn one_worker_serves_both_protocols_and_drains_on_sigterm() {
     });
     assert_eq!(a, (reqwest::Version::HTTP_11, "hello from app".to_string()));
     assert_eq!(b, (reqwest::Version::HTTP_2, "hello from app".to_string()));
-    let url = gate.url("/slow?ms=1500");
-    let req = rt.spawn(async move {
-        let r = h1.get(url).send().await.unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    });
-    std::thread::sleep(Duration::from_millis(400));
-    gate.signal("TERM");
-    let (status, body) = rt.block_on(req).unwrap();
-    assert_eq!((status, body.as_str()), (200, "slow done"));
-    let exit = gate.wait_exit(Duration::from_secs(10));
-    assert!(exit.success(), "exit {exit:?}; log:\n{}", gate.logs());
+    slow_request_finishes_through_sigterm(&rt, &mut gate, h1);
     assert_eq!(app.count(), 3);
 }
 
 #[test]
 fn an_unusable_worker_count_from_the_environment_is_refused_at_start() {
     // Refused before anything is bound: the two addresses are never opened.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.toml");
-    std::fs::write(
-        &path,
+    let (code, stderr) = run_binary(
+        &[],
         "[server]\nlisten = \"127.0.0.1:1\"\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n[admin]\nlisten = \"127.0.0.1:2\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatkit-gate"))
-        .args(["--config", path.to_str().unwrap()])
-        .env("TOKIO_WORKER_THREADS", "0")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+        &[("TOKIO_WORKER_THREADS", "0")],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("TOKIO_WORKER_THREADS=\"0\": expected a number from 1 to 1024"), "{stderr}");
 }
 

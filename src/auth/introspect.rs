@@ -89,29 +89,27 @@ impl CredentialRules {
     /// allocates only them.
     fn named_cookies(&self, headers: &HeaderMap) -> Option<HeaderValue> {
         // HTTP/2 clients may send one `cookie` field per pair: look at all of them.
-        let matching = || {
-            headers.get_all(COOKIE).into_iter().flat_map(|value| {
-                value.as_bytes().split(|b| *b == b';').map(<[u8]>::trim_ascii).filter(|pair| {
-                    let name = pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
-                    pair.len() > name.len()
-                        && self.cookies.iter().any(|c| super::cookies::is_name_or_chunk(name, c.as_bytes()))
-                })
+        let fields = headers.get_all(COOKIE);
+        let mut found = fields.iter().flat_map(|field| {
+            field.as_bytes().split(|b| *b == b';').map(<[u8]>::trim_ascii).filter(|pair| {
+                let name = pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+                pair.len() > name.len()
+                    && self.cookies.iter().any(|c| super::cookies::is_name_or_chunk(name, c.as_bytes()))
             })
-        };
-        let mut found = matching();
+        });
         let first = found.next()?;
-        if found.next().is_none() {
+        let Some(second) = found.next() else {
             // One pair: when it is a whole field (`Cookie: session=…` alone, or HTTP/2's one
             // field per pair), that field's value is shared, not copied.
-            if let Some(whole) = headers.get_all(COOKIE).iter().find(|v| v.as_bytes() == first) {
-                return Some(whole.clone());
-            }
-        }
-        let mut out: Vec<u8> = Vec::with_capacity(headers.get_all(COOKIE).iter().map(HeaderValue::len).sum());
-        for pair in matching() {
-            if !out.is_empty() {
-                out.extend_from_slice(b"; ");
-            }
+            return match fields.iter().find(|field| field.as_bytes() == first) {
+                Some(whole) => Some(whole.clone()),
+                None => HeaderValue::from_bytes(first).ok(),
+            };
+        };
+        let mut out: Vec<u8> = Vec::with_capacity(fields.iter().map(HeaderValue::len).sum());
+        out.extend_from_slice(first);
+        for pair in std::iter::once(second).chain(found) {
+            out.extend_from_slice(b"; ");
             out.extend_from_slice(pair);
         }
         HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
