@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # chatkit-gate vs nginx on the same machine, same backend, same TLS cert, one worker each,
 # loopback only; prints every row of the performance goals table (bench/README.md) with
-# PASS/FAIL, in one run of about 2.5 minutes at the defaults.
+# PASS/FAIL, in one run of about 6 minutes at the defaults.
 #
 #   bench/proxy-vs-nginx.sh [duration=10s] [connections=64]
 #
 #   GATE_BIN=<binary>   use this gate binary instead of `cargo build --release`
+#   BENCH_ROUNDS=N      rounds of the throughput rows (default 3): every round runs each row once,
+#                       gate and nginx runs interleaved, and a row's value is the median of its
+#                       rounds (each round's value is in the notes), so that one run disturbed
+#                       by the machine does not decide a ratio
 #   BENCH_QUICK=1       wait 5 s instead of 60 s before the "RSS after the connections close" sample
 #   BENCH_MEM_CONNS=N   idle TLS connections for the memory rows (default 1000)
 #   BENCH_KEEP_TMP=1    keep the temp dir (configs, raw wrk/h2load output, logs)
@@ -17,13 +21,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 
-INVOKED="$(for v in GATE_BIN GATE BENCH_QUICK BENCH_MEM_CONNS; do [ -n "${!v:-}" ] && printf '%s=%q ' "$v" "${!v}"; done; printf '%q' "$0"; for a in "$@"; do printf ' %q' "$a"; done)"
+INVOKED="$(for v in GATE_BIN GATE BENCH_ROUNDS BENCH_QUICK BENCH_MEM_CONNS; do [ -n "${!v:-}" ] && printf '%s=%q ' "$v" "${!v}"; done; printf '%q' "$0"; for a in "$@"; do printf ' %q' "$a"; done)"
 DURATION="${1:-10s}"
 CONNS="${2:-64}"
 THREADS=1
 H2_CLIENTS=50
 H2_STREAMS=10
 MEM_CONNS="${BENCH_MEM_CONNS:-1000}"
+ROUNDS="${BENCH_ROUNDS:-3}"
 MEM_HOLD=4                                # seconds the idle connections are held (RSS sampled 1 s in)
 if [ -n "${BENCH_QUICK:-}" ]; then SETTLE=5; else SETTLE=60; fi
 COOKIE='Cookie: session=bench; other=x'
@@ -37,6 +42,7 @@ case "$DURATION" in
 esac
 [[ "$DUR_S" =~ ^[0-9]+$ ]] && [ "$DUR_S" -ge 1 ] || { echo "duration: whole seconds, minutes or hours (10s, 1m)" >&2; exit 1; }
 [[ "$CONNS" =~ ^[0-9]+$ ]] && [ "$CONNS" -ge 1 ] || { echo "connections: a positive number" >&2; exit 1; }
+[[ "$ROUNDS" =~ ^[0-9]+$ ]] && [ "$ROUNDS" -ge 1 ] && [ "$ROUNDS" -le 9 ] || { echo "BENCH_ROUNDS: a number from 1 to 9" >&2; exit 1; }
 
 bench_need nginx wrk h2load openssl curl python3 awk ps
 HAVE_REDIS=; command -v redis-server >/dev/null && HAVE_REDIS=1
@@ -238,25 +244,60 @@ mem_probe gate 19447 19094 one_pid "${BENCH_PID[gate-mem]}"
 mem_probe nginx 18446 - nginx_pids "${BENCH_PID[nginx-mem]}"
 
 NGX_PROXY="$(nginx_pids "${BENCH_PID[proxy]}")"
-declare -A LOGLINES=()   # access-log lines at the start (0) and end (1) of the measured run
-count_gate_log() { [ "$1" = 1 ] && sleep 0.5; LOGLINES[g$1]="$(grep -c '"message":"request"' "$TMP/gate-access.log" || true)"; }
-count_nginx_log() { LOGLINES[n$1]="$(cat "$TMP/nginx-access.log" 2>/dev/null | wc -l)"; }
-# 1, 2, 3, 5, 6. Runs compared in one row follow each other where they can (the machine drifts):
-# nginx log on | nginx plain | gate plain | gate log on | gate auth | nginx auth | gate auth + Redis.
-WRK_HOOK=count_nginx_log
-wrk_run nlog "nginx proxy, access_log to a file" "https://127.0.0.1:18445/" - $NGX_PROXY
-WRK_HOOK=
-wrk_run nplain "nginx proxy" "https://127.0.0.1:18443/" - $NGX_PROXY
-wrk_run gplain "chatkit-gate proxy" "https://127.0.0.1:19443/" 19090 "${BENCH_PID[gate]}"
-WRK_HOOK=count_gate_log
-wrk_run glog "chatkit-gate proxy, --log-level info (access log to a file)" "https://127.0.0.1:19446/" 19093 "${BENCH_PID[gate-log]}"
-WRK_HOOK=
-wrk_run gauth "chatkit-gate proxy + auth (cached)" "https://127.0.0.1:19444/" 19091 "${BENCH_PID[gate-auth]}"
-wrk_run nauth "nginx proxy + auth_request" "https://127.0.0.1:18444/" - $NGX_PROXY
-[ -n "$HAVE_REDIS" ] && wrk_run grl "chatkit-gate proxy + auth + Redis rate limit" "https://127.0.0.1:19445/" 19092 "${BENCH_PID[gate-rl]}"
-# 4: HTTP/2 from the client.
-h2_run nh2 "nginx proxy, HTTP/2" "https://127.0.0.1:18443/"
-h2_run gh2 "chatkit-gate proxy, HTTP/2" "https://127.0.0.1:19443/"
+# Access-log lines written during the measured runs, summed over the rounds (g: gate, n: nginx).
+declare -A LOGLINES=([g]=0 [n]=0) LOGSTART=()
+log_count() {   # WHICH PHASE COUNT
+    if [ "$2" = 0 ]; then LOGSTART[$1]="$3"; else LOGLINES[$1]=$(( LOGLINES[$1] + $3 - LOGSTART[$1] )); fi
+}
+count_gate_log() { [ "$1" = 1 ] && sleep 0.5; log_count g "$1" "$(grep -c '"message":"request"' "$TMP/gate-access.log" || true)"; }
+count_nginx_log() { log_count n "$1" "$(cat "$TMP/nginx-access.log" 2>/dev/null | wc -l)"; }
+
+# median VALUE...: the middle value (the mean of the two middle ones for an even count); n/a if
+# any value is n/a.
+median() {
+    local v; for v in "$@"; do has "$v" || { echo n/a; return; }; done
+    printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) m = a[(NR + 1) / 2]; else m = (a[NR / 2] + a[NR / 2 + 1]) / 2;
+        if (m == int(m)) printf "%d", m; else printf "%.2f", m }'
+}
+# combine KEY: the row's value from its rounds KEY_1..KEY_N: the median req/s, p99 and CPU per
+# request, valid only if every round was, the notes of every round.
+combine() {
+    local k="$1" r rps=() p99=() cpu=() reqs=0 notes=""
+    VALID[$k]=1
+    for r in $(seq "$ROUNDS"); do
+        rps+=("${RPS[${k}_$r]:-n/a}"); p99+=("${P99[${k}_$r]:-n/a}"); cpu+=("${CPU[${k}_$r]:-n/a}")
+        has "${REQS[${k}_$r]:-}" && reqs=$(( reqs + REQS[${k}_$r] ))
+        [ -n "${VALID[${k}_$r]:-}" ] || VALID[$k]=
+        [ -n "${NOTE[${k}_$r]:-}" ] && notes+="round $r: ${NOTE[${k}_$r]%; }; "
+    done
+    RPS[$k]="$(median "${rps[@]}")"; P99[$k]="$(median "${p99[@]}")"; CPU[$k]="$(median "${cpu[@]}")"
+    REQS[$k]=$reqs; PROTO[$k]="${PROTO[${k}_1]:-}"
+    NOTE[$k]="median of $ROUNDS rounds: req/s ${rps[*]}"
+    [ "${p99[0]}" != n/a ] && NOTE[$k]+=", p99 ms ${p99[*]}, CPU µs ${cpu[*]}"
+    NOTE[$k]+="; ${notes}"
+}
+
+# 1, 2, 3, 5, 6, then 4, in each round. Runs compared in one row follow each other where they can
+# (the machine drifts): nginx log on | nginx plain | gate plain | gate log on | gate auth |
+# nginx auth | gate auth + Redis | nginx HTTP/2 | gate HTTP/2.
+for r in $(seq "$ROUNDS"); do
+    echo "== round $r of $ROUNDS"
+    WRK_HOOK=count_nginx_log
+    wrk_run "nlog_$r" "nginx proxy, access_log to a file" "https://127.0.0.1:18445/" - $NGX_PROXY
+    WRK_HOOK=
+    wrk_run "nplain_$r" "nginx proxy" "https://127.0.0.1:18443/" - $NGX_PROXY
+    wrk_run "gplain_$r" "chatkit-gate proxy" "https://127.0.0.1:19443/" 19090 "${BENCH_PID[gate]}"
+    WRK_HOOK=count_gate_log
+    wrk_run "glog_$r" "chatkit-gate proxy, --log-level info (access log to a file)" "https://127.0.0.1:19446/" 19093 "${BENCH_PID[gate-log]}"
+    WRK_HOOK=
+    wrk_run "gauth_$r" "chatkit-gate proxy + auth (cached)" "https://127.0.0.1:19444/" 19091 "${BENCH_PID[gate-auth]}"
+    wrk_run "nauth_$r" "nginx proxy + auth_request" "https://127.0.0.1:18444/" - $NGX_PROXY
+    [ -n "$HAVE_REDIS" ] && wrk_run "grl_$r" "chatkit-gate proxy + auth + Redis rate limit" "https://127.0.0.1:19445/" 19092 "${BENCH_PID[gate-rl]}"
+    # 4: HTTP/2 from the client.
+    h2_run "nh2_$r" "nginx proxy, HTTP/2" "https://127.0.0.1:18443/"
+    h2_run "gh2_$r" "chatkit-gate proxy, HTTP/2" "https://127.0.0.1:19443/"
+done
+for k in nlog nplain gplain glog gauth nauth nh2 gh2 ${HAVE_REDIS:+grl}; do combine "$k"; done
 
 for n in gate nginx; do
     p="${RSS_AFTER_PID[$n]}"
@@ -267,11 +308,12 @@ RSS_AFTER_gate="$(cat "$TMP/rss-after-gate" 2>/dev/null || echo n/a)"
 RSS_AFTER_nginx="$(cat "$TMP/rss-after-nginx" 2>/dev/null || echo n/a)"
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
 
-# Checks from the gate's own metrics, over the measured runs only.
-delta() { echo $(( $(metric "$TMP/m-$1-1" "$2") - $(metric "$TMP/m-$1-0" "$2") )); }
+# Checks from the gate's own metrics, over the measured runs only (summed over the rounds).
+delta() { local r t=0; for r in $(seq "$ROUNDS"); do
+    t=$(( t + $(metric "$TMP/m-$1_$r-1" "$2") - $(metric "$TMP/m-$1_$r-0" "$2") )); done; echo "$t"; }
 intro="$(delta gauth 'chatkit_gate_auth_decisions_total[{].*source="introspection"')"
 cached="$(delta gauth 'chatkit_gate_auth_decisions_total[{]result="allow",source="cache"')"
-[ "$intro" -le 1 ] || { VALID[gauth]=; NOTE[gauth]+="cache not warm: $intro introspection calls; "; }
+[ "$intro" -le "$ROUNDS" ] || { VALID[gauth]=; NOTE[gauth]+="cache not warm: $intro introspection calls; "; }
 NOTE[gauth]+="$cached cache hits, $intro introspection calls"
 if [ -n "$HAVE_REDIS" ] && [ -n "${VALID[grl]:-}" ]; then
     rl_redis="$(delta grl 'chatkit_gate_rate_limit_decisions_total[{].*source="redis"')"
@@ -280,9 +322,9 @@ if [ -n "$HAVE_REDIS" ] && [ -n "${VALID[grl]:-}" ]; then
     [ "$rl_err" = 0 ] && [ "$rl_redis" -gt 0 ] || VALID[grl]=
 fi
 dropped="$(delta glog '^chatkit_gate_log_lines_dropped_total$')"
-NOTE[glog]+="$(( LOGLINES[g1] - LOGLINES[g0] )) access-log lines for ${REQS[glog]:-?} requests, $dropped dropped"
+NOTE[glog]+="${LOGLINES[g]} access-log lines for ${REQS[glog]:-?} requests, $dropped dropped"
 [ "$dropped" = 0 ] || VALID[glog]=
-NOTE[nlog]+="$(( LOGLINES[n1] - LOGLINES[n0] )) access-log lines for ${REQS[nlog]:-?} requests"
+NOTE[nlog]+="${LOGLINES[n]} access-log lines for ${REQS[nlog]:-?} requests"
 
 # ---------------------------------------------------------------- table
 fmt() { [ "$1" = n/a ] && { echo n/a; return; }; awk -v n="$1" 'BEGIN { s = sprintf("%d", n); o = "";
@@ -349,7 +391,7 @@ echo
 echo "## chatkit-gate vs nginx"
 echo
 echo "Machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average $LOAD_START at start, $LOAD_END at end"
-echo "Command: \`$INVOKED\` (duration $DURATION, $CONNS connections, wrk -t$THREADS; one nginx worker, TOKIO_WORKER_THREADS=1; $(( SECONDS - START_S )) s)"
+echo "Command: \`$INVOKED\` (duration $DURATION, $ROUNDS rounds, median per row; $CONNS connections, wrk -t$THREADS; one nginx worker, TOKIO_WORKER_THREADS=1; $(( SECONDS - START_S )) s)"
 echo
 echo "| # | row | nginx | gate | ratio (gate ÷ nginx) | goal | result |"
 echo "|---|---|---|---|---|---|---|"
