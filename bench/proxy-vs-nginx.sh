@@ -257,7 +257,7 @@ count_nginx_log() { log_count n "$1" "$(cat "$TMP/nginx-access.log" 2>/dev/null 
 median() {
     local v; for v in "$@"; do has "$v" || { echo n/a; return; }; done
     printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) m = a[(NR + 1) / 2]; else m = (a[NR / 2] + a[NR / 2 + 1]) / 2;
-        if (m == int(m)) printf "%d", m; else printf "%.2f", m }'
+        if (m == int(m)) printf "%d", m; else printf "%.6g", m }'
 }
 # combine KEY: the row's value from its rounds KEY_1..KEY_N: the median req/s, p99 and CPU per
 # request, valid only if every round was, the notes of every round.
@@ -341,33 +341,49 @@ verdict() {
 ROWS=()
 row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
 
-g="${RPS[gplain]}"; n="${RPS[nplain]}"
-row 1a "plain HTTPS/1.1 keep-alive proxy, req/s (wrk -t1 -c$CONNS)" "$(fmt "$n")" "$(fmt "$g")" "$(ratio "$g" "$n")" "gate ≥ 1.3× nginx" \
-    "$(verdict "$g >= 1.3 * $n" nplain gplain)"
-row 1b "plain proxy, p99 latency" "${P99[nplain]} ms" "${P99[gplain]} ms" "$(ratio "${P99[gplain]}" "${P99[nplain]}")" "gate ≤ nginx" \
-    "$(verdict "${P99[gplain]} <= ${P99[nplain]}" nplain gplain)"
-g="${RPS[gauth]}"; n="${RPS[nauth]}"
-row 2a "authenticated, req/s (gate: warm decision cache; nginx: auth_request)" "$(fmt "$n")" "$(fmt "$g")" "$(ratio "$g" "$n")" "gate ≥ 3× nginx" \
-    "$(verdict "$g >= 3 * $n" nauth gauth)"
-row 2b "authenticated ÷ plain, same server" "$(ratio "${RPS[nauth]}" "${RPS[nplain]}")" "$(ratio "${RPS[gauth]}" "${RPS[gplain]}")" "—" "gate auth ≥ 0.95× gate plain" \
-    "$(verdict "${RPS[gauth]} >= 0.95 * ${RPS[gplain]}" gauth gplain)"
+# A ratio row is the median over the rounds of each round's own ratio (the two runs of a round
+# are made close together, so the machine's drift between rounds cancels); the value columns
+# are each side's median. pr ARRAY A B: the median of ARRAY[A_r] / ARRAY[B_r] (a plain number).
+pr() {
+    local -n arr="$1"; local r v=()
+    for r in $(seq "$ROUNDS"); do
+        has "${arr[${2}_$r]:-}" "${arr[${3}_$r]:-}" && [ "${arr[${3}_$r]}" != 0 ] || { echo n/a; return; }
+        v+=("$(calc "${arr[${2}_$r]} / ${arr[${3}_$r]}" 4)")
+    done
+    median "${v[@]}"
+}
+x() { has "$1" && echo "$(calc "$1")×" || echo n/a; }   # a ratio for the table
+declare -A R=(
+    [1a]="$(pr RPS gplain nplain)" [1b]="$(pr P99 gplain nplain)" [2a]="$(pr RPS gauth nauth)"
+    [2b]="$(pr RPS gauth gplain)" [2bn]="$(pr RPS nauth nplain)" [4]="$(pr RPS gh2 nh2)"
+    [5]="$(pr RPS glog gplain)" [5n]="$(pr RPS nlog nplain)" [6a]="$(pr CPU gplain nplain)"
+    [6b]="$(pr CPU gauth nauth)")
+[ -n "$HAVE_REDIS" ] && R[3]="$(pr RPS grl gauth)"
+
+row 1a "plain HTTPS/1.1 keep-alive proxy, req/s (wrk -t1 -c$CONNS)" "$(fmt "${RPS[nplain]}")" "$(fmt "${RPS[gplain]}")" "$(x "${R[1a]}")" "gate ≥ 1.3× nginx" \
+    "$(verdict "${R[1a]} >= 1.3" nplain gplain)"
+row 1b "plain proxy, p99 latency" "${P99[nplain]} ms" "${P99[gplain]} ms" "$(x "${R[1b]}")" "gate ≤ nginx" \
+    "$(verdict "${R[1b]} <= 1" nplain gplain)"
+row 2a "authenticated, req/s (gate: warm decision cache; nginx: auth_request)" "$(fmt "${RPS[nauth]}")" "$(fmt "${RPS[gauth]}")" "$(x "${R[2a]}")" "gate ≥ 3× nginx" \
+    "$(verdict "${R[2a]} >= 3" nauth gauth)"
+row 2b "authenticated ÷ plain, same server" "$(x "${R[2bn]}")" "$(x "${R[2b]}")" "—" "gate auth ≥ 0.95× gate plain" \
+    "$(verdict "${R[2b]} >= 0.95" gauth gplain)"
 if [ -n "$HAVE_REDIS" ]; then
-    row 3 "gate auth + Redis rate limit, req/s (ratio: ÷ gate auth)" "—" "$(fmt "${RPS[grl]}")" "$(ratio "${RPS[grl]}" "${RPS[gauth]}")" "— (informational)" \
+    row 3 "gate auth + Redis rate limit, req/s (ratio: ÷ gate auth)" "—" "$(fmt "${RPS[grl]}")" "$(x "${R[3]}")" "— (informational)" \
         "$([ -n "${VALID[grl]:-}" ] && echo info || echo INVALID)"
 else
     row 3 "gate auth + Redis rate limit" "—" "skipped (no redis-server)" "—" "— (informational)" "—"
 fi
-g="${RPS[gh2]}"; n="${RPS[nh2]}"
-row 4 "HTTP/2 over TLS, req/s (h2load -c$H2_CLIENTS -m$H2_STREAMS, ALPN ${PROTO[nh2]:-?}/${PROTO[gh2]:-?})" "$(fmt "$n")" "$(fmt "$g")" "$(ratio "$g" "$n")" "gate ≥ nginx" \
-    "$(verdict "$g >= $n" nh2 gh2)"
+row 4 "HTTP/2 over TLS, req/s (h2load -c$H2_CLIENTS -m$H2_STREAMS, ALPN ${PROTO[nh2]:-?}/${PROTO[gh2]:-?})" "$(fmt "${RPS[nh2]}")" "$(fmt "${RPS[gh2]}")" "$(x "${R[4]}")" "gate ≥ nginx" \
+    "$(verdict "${R[4]} >= 1" nh2 gh2)"
 row 5 "access log on ÷ off, req/s (gate: info vs warn; nginx: access_log file vs off, reference)" \
-    "$(ratio "${RPS[nlog]}" "${RPS[nplain]}") ($(fmt "${RPS[nlog]}") / $(fmt "${RPS[nplain]}"))" \
-    "$(ratio "${RPS[glog]}" "${RPS[gplain]}") ($(fmt "${RPS[glog]}") / $(fmt "${RPS[gplain]}"))" "—" "gate on ≥ 0.9× off" \
-    "$(verdict "${RPS[glog]} >= 0.9 * ${RPS[gplain]}" glog gplain)"
-row 6a "CPU per request, plain (µs, utime+stime ÷ requests)" "${CPU[nplain]}" "${CPU[gplain]}" "$(ratio "${CPU[gplain]}" "${CPU[nplain]}")" "gate ≤ nginx" \
-    "$(verdict "${CPU[gplain]} <= ${CPU[nplain]}" nplain gplain)"
-row 6b "CPU per request, authenticated (µs)" "${CPU[nauth]}" "${CPU[gauth]}" "$(ratio "${CPU[gauth]}" "${CPU[nauth]}")" "gate ≤ nginx" \
-    "$(verdict "${CPU[gauth]} <= ${CPU[nauth]}" nauth gauth)"
+    "$(x "${R[5n]}") ($(fmt "${RPS[nlog]}") / $(fmt "${RPS[nplain]}"))" \
+    "$(x "${R[5]}") ($(fmt "${RPS[glog]}") / $(fmt "${RPS[gplain]}"))" "—" "gate on ≥ 0.9× off" \
+    "$(verdict "${R[5]} >= 0.9" glog gplain)"
+row 6a "CPU per request, plain (µs, utime+stime ÷ requests)" "${CPU[nplain]}" "${CPU[gplain]}" "$(x "${R[6a]}")" "gate ≤ nginx" \
+    "$(verdict "${R[6a]} <= 1" nplain gplain)"
+row 6b "CPU per request, authenticated (µs)" "${CPU[nauth]}" "${CPU[gauth]}" "$(x "${R[6b]}")" "gate ≤ nginx" \
+    "$(verdict "${R[6b]} <= 1" nauth gauth)"
 VALID[mem]=1
 grep -q "^held open=$MEM_CONNS of $MEM_CONNS" "$TMP/idle-gate.out" || VALID[mem]=
 VALID[nmem]=1
@@ -392,6 +408,8 @@ echo "## chatkit-gate vs nginx"
 echo
 echo "Machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average $LOAD_START at start, $LOAD_END at end"
 echo "Command: \`$INVOKED\` (duration $DURATION, $ROUNDS rounds, median per row; $CONNS connections, wrk -t$THREADS; one nginx worker, TOKIO_WORKER_THREADS=1; $(( SECONDS - START_S )) s)"
+echo
+echo "Values are each side's median over the $ROUNDS rounds; a ratio (and its verdict) is the median of the rounds' own ratios, each from two runs made close together."
 echo
 echo "| # | row | nginx | gate | ratio (gate ÷ nginx) | goal | result |"
 echo "|---|---|---|---|---|---|---|"
