@@ -148,19 +148,20 @@ pub fn json_sink() -> Option<&'static BatchWriter> {
 }
 
 /// A JSON log line being built, in the shape of tracing-subscriber's flattened JSON format:
-/// `{"timestamp":…,"level":…,"message":…, fields…, "target":…}`.
+/// `{"timestamp":…,"level":…,"message":…, fields…, "target":…}`. Values are written by
+/// serde_json, which tracing's JSON format uses, so they come out byte for byte the same.
 pub struct JsonLine<'a> {
-    out: &'a mut String,
+    out: &'a mut Vec<u8>,
 }
 
 impl<'a> JsonLine<'a> {
-    pub fn start(out: &'a mut String, level: &str, message: &str) -> JsonLine<'a> {
+    pub fn start(out: &'a mut Vec<u8>, level: &str, message: &str) -> JsonLine<'a> {
         out.clear();
-        out.push_str("{\"timestamp\":\"");
+        out.extend_from_slice(b"{\"timestamp\":\"");
         push_rfc3339_micros(out, std::time::SystemTime::now());
-        out.push_str("\",\"level\":\"");
-        out.push_str(level);
-        out.push('"');
+        out.extend_from_slice(b"\",\"level\":\"");
+        out.extend_from_slice(level.as_bytes());
+        out.push(b'"');
         let mut line = JsonLine { out };
         line.str("message", message);
         line
@@ -174,141 +175,84 @@ impl<'a> JsonLine<'a> {
 
     /// An IP address as a string (IPv4 without the formatting machinery).
     pub fn ip(&mut self, key: &str, ip: std::net::IpAddr) -> &mut Self {
-        let std::net::IpAddr::V4(v4) = ip else { return self.display(key, ip) };
+        let std::net::IpAddr::V4(v4) = ip else { return self.str(key, &ip.to_string()) };
         self.key(key);
-        self.out.push('"');
+        self.out.push(b'"');
         let mut digits = itoa::Buffer::new();
         for (i, octet) in v4.octets().into_iter().enumerate() {
             if i > 0 {
-                self.out.push('.');
+                self.out.push(b'.');
             }
-            self.out.push_str(digits.format(octet));
+            self.out.extend_from_slice(digits.format(octet).as_bytes());
         }
-        self.out.push('"');
+        self.out.push(b'"');
         self
     }
 
-    pub fn display(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Self {
-        use std::fmt::Write as _;
-        self.key(key);
-        self.out.push('"');
-        let start = self.out.len();
-        let _ = write!(self.out, "{value}");
-        if self.out[start..].bytes().any(needs_escape) {
-            let raw = self.out.split_off(start);
-            self.out.pop();
-            push_json_str(self.out, &raw);
-        } else {
-            self.out.push('"');
-        }
-        self
-    }
-
-    /// An integer, as serde_json writes it.
+    /// An integer.
     pub fn uint(&mut self, key: &str, value: u64) -> &mut Self {
         self.key(key);
-        self.out.push_str(itoa::Buffer::new().format(value));
+        let _ = serde_json::to_writer(&mut *self.out, &value);
         self
     }
 
-    /// A float, as serde_json (and so tracing's JSON format) writes it: shortest round-trip
-    /// digits by the same algorithm (`2.0`, not `2`), `null` when not finite.
+    /// A float: shortest round-trip digits (`2.0`, not `2`), `null` when not finite.
     pub fn float(&mut self, key: &str, value: f64) -> &mut Self {
         self.key(key);
-        if value.is_finite() {
-            self.out.push_str(zmij::Buffer::new().format_finite(value));
-        } else {
-            self.out.push_str("null");
-        }
+        let _ = serde_json::to_writer(&mut *self.out, &value);
         self
     }
 
     /// End the line with its `target`.
     pub fn finish(&mut self, target: &str) {
         self.str("target", target);
-        self.out.push_str("}\n");
+        self.out.extend_from_slice(b"}\n");
     }
 
     /// Keys are the gate's own field names, which need no escaping.
     fn key(&mut self, key: &str) {
-        debug_assert!(!key.bytes().any(needs_escape), "{key:?}");
-        self.out.push_str(",\"");
-        self.out.push_str(key);
-        self.out.push_str("\":");
+        debug_assert!(!key.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\'), "{key:?}");
+        self.out.extend_from_slice(b",\"");
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
     }
 }
 
-/// A JSON string, escaped as serde_json escapes it (quote, backslash and control characters;
-/// everything else as is). Runs needing no escape are copied whole.
-fn push_json_str(out: &mut String, s: &str) {
-    out.push('"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if !needs_escape(b) {
-            continue;
-        }
-        let escaped = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            _ => "",
-        };
-        // Only ASCII bytes get here: `start..i` is on character boundaries.
-        out.push_str(&s[start..i]);
-        start = i + 1;
-        if escaped.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
-        } else {
-            out.push_str(escaped);
-        }
-    }
-    out.push_str(&s[start..]);
-    out.push('"');
-}
-
-/// Quote, backslash and control characters are escaped in JSON strings.
-fn needs_escape(b: u8) -> bool {
-    b < 0x20 || b == b'"' || b == b'\\'
+/// A JSON string (writing to a `Vec` cannot fail).
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    let _ = serde_json::to_writer(out, s);
 }
 
 /// `value` in decimal, zero-padded to `width` digits.
-fn push_padded(out: &mut String, value: u64, width: usize) {
+fn push_padded(out: &mut Vec<u8>, value: u64, width: usize) {
     let mut digits = itoa::Buffer::new();
     let text = digits.format(value);
     for _ in text.len()..width {
-        out.push('0');
+        out.push(b'0');
     }
-    out.push_str(text);
+    out.extend_from_slice(text.as_bytes());
 }
 
 /// `2026-11-26T10:23:51.364458Z` (UTC, microseconds), as tracing-subscriber writes it.
-fn push_rfc3339_micros(out: &mut String, t: std::time::SystemTime) {
+fn push_rfc3339_micros(out: &mut Vec<u8>, t: std::time::SystemTime) {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = crate::audit::civil_from_days(days as i64);
     push_padded(out, y.max(0) as u64, 4);
-    out.push('-');
+    out.push(b'-');
     push_padded(out, u64::from(m), 2);
-    out.push('-');
+    out.push(b'-');
     push_padded(out, u64::from(day), 2);
-    out.push('T');
+    out.push(b'T');
     push_padded(out, rem / 3600, 2);
-    out.push(':');
+    out.push(b':');
     push_padded(out, rem / 60 % 60, 2);
-    out.push(':');
+    out.push(b':');
     push_padded(out, rem % 60, 2);
-    out.push('.');
+    out.push(b'.');
     push_padded(out, u64::from(d.subsec_micros()), 6);
-    out.push('Z');
+    out.push(b'Z');
 }
 
 #[cfg(test)]
@@ -334,17 +278,21 @@ mod tests {
         }
     }
 
+    fn text(line: &[u8]) -> &str {
+        std::str::from_utf8(line).unwrap()
+    }
+
     #[test]
     fn json_lines_parse_and_carry_a_tracing_style_timestamp() {
-        let mut out = String::new();
+        let mut out = Vec::new();
         JsonLine::start(&mut out, "INFO", "request")
             .str("route", "a\"b\\c")
             .uint("status", 200)
             .float("duration_ms", 1.25)
             .ip("client_ip", std::net::IpAddr::from([203, 0, 113, 9]))
             .finish("chatkit_gate::proxy");
-        assert!(out.ends_with("}\n"));
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(out.ends_with(b"}\n"));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["message"], "request");
         assert_eq!(v["route"], "a\"b\\c");
         assert_eq!(v["status"], 200);
@@ -353,15 +301,15 @@ mod tests {
         assert_eq!(v["target"], "chatkit_gate::proxy");
         let ts = v["timestamp"].as_str().unwrap();
         assert_eq!((ts.len(), &ts[10..11], &ts[19..20], &ts[26..]), (27, "T", ".", "Z"), "{ts}");
-        let mut known = String::new();
+        let mut known = Vec::new();
         push_rfc3339_micros(
             &mut known,
             std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_591_831_364_458),
         );
-        assert_eq!(known, "2025-12-01T12:23:51.364458Z");
-        let mut leap = String::new();
+        assert_eq!(text(&known), "2025-12-01T12:23:51.364458Z");
+        let mut leap = Vec::new();
         push_rfc3339_micros(&mut leap, std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400));
-        assert_eq!(leap, "2000-02-29T00:00:00.000000Z");
+        assert_eq!(text(&leap), "2000-02-29T00:00:00.000000Z");
     }
 
     /// Strings, numbers and addresses come out byte for byte as serde_json (tracing's JSON
@@ -370,29 +318,29 @@ mod tests {
     fn values_are_written_exactly_as_serde_json_writes_them() {
         let strings = ["", "plain", "a\"b\\c", "tab\tnl\ncr\r", "\u{8}\u{c}\u{1}\u{1f}", "é ünï 雪 🚀", "\u{7f}x"];
         for s in strings {
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_json_str(&mut out, s);
-            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+            assert_eq!(text(&out), serde_json::to_string(s).unwrap(), "{s:?}");
         }
         for v in [0.0, 2.0, 1.25, 0.001, 1234.567, 1e-7, 12345678.9, f64::MAX, 0.1 + 0.2] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             JsonLine { out: &mut out }.float("v", v);
-            assert_eq!(out, format!(",\"v\":{}", serde_json::to_string(&v).unwrap()), "{v}");
+            assert_eq!(text(&out), format!(",\"v\":{}", serde_json::to_string(&v).unwrap()), "{v}");
         }
-        let mut out = String::new();
+        let mut out = Vec::new();
         JsonLine { out: &mut out }.float("v", f64::NAN).uint("n", u64::MAX);
-        assert_eq!(out, format!(",\"v\":null,\"n\":{}", u64::MAX));
+        assert_eq!(text(&out), format!(",\"v\":null,\"n\":{}", u64::MAX));
         for ip in ["0.0.0.0", "255.255.255.255", "10.0.12.7", "::1", "2001:db8::7"] {
             let ip: std::net::IpAddr = ip.parse().unwrap();
-            let mut out = String::new();
+            let mut out = Vec::new();
             JsonLine { out: &mut out }.ip("ip", ip);
-            assert_eq!(out, format!(",\"ip\":\"{ip}\""));
+            assert_eq!(text(&out), format!(",\"ip\":\"{ip}\""));
         }
-        let mut padded = String::new();
+        let mut padded = Vec::new();
         push_padded(&mut padded, 7, 4);
         push_padded(&mut padded, 123456, 6);
         push_padded(&mut padded, 42, 1);
-        assert_eq!(padded, "000712345642");
+        assert_eq!(text(&padded), "000712345642");
     }
 
     #[test]

@@ -204,7 +204,7 @@ impl crate::body::BodyGuard for Observer {
                     }
                     line.str("outcome", outcome).str("request_id", rid).ip("client_ip", client_ip);
                     line.finish(module_path!());
-                    sink.line(buf.as_bytes());
+                    sink.line(buf);
                 }),
                 None => tracing::info!(
                     method = %method, route, status, duration_ms, stream_ms, outcome,
@@ -229,7 +229,7 @@ impl Drop for Observer {
 
 thread_local! {
     /// The access-log line of this worker thread, reused.
-    static ACCESS_LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(512));
+    static ACCESS_LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
 }
 
 /// A monotonic millisecond clock shared by connections.

@@ -198,11 +198,13 @@ pub(super) fn validate_server(raw: Option<RawServer>, e: &mut Errors) -> Option<
     if max_connections == 0 {
         e.push("server.max_connections", "must be at least 1");
     }
-    if let Some(w) = raw.workers
-        && !(1..=MAX_WORKERS).contains(&w)
-    {
-        e.push("server.workers", format!("must be between 1 and {MAX_WORKERS}"));
-    }
+    let workers = match raw.workers {
+        Some(w) if !(1..=MAX_WORKERS).contains(&w) => {
+            e.push("server.workers", format!("must be between 1 and {MAX_WORKERS}"));
+            None
+        }
+        w => w,
+    };
     let mut upgrades = Vec::new();
     for (i, u) in raw.upgrades.unwrap_or_else(|| vec!["websocket".into()]).iter().enumerate() {
         let u = u.trim().to_ascii_lowercase();
@@ -229,7 +231,7 @@ pub(super) fn validate_server(raw: Option<RawServer>, e: &mut Errors) -> Option<
         max_body_bytes: raw.max_body_bytes,
         idle_timeout: e.positive_duration("server.idle_timeout", raw.idle_timeout.as_deref(), Duration::from_secs(60)),
         max_connections: max_connections.max(1),
-        workers: raw.workers.filter(|w| (1..=MAX_WORKERS).contains(w)),
+        workers,
         shutdown_grace: e.duration("server.shutdown_grace", raw.shutdown_grace.as_deref(), Duration::from_secs(25)),
         shutdown_delay: e.duration("server.shutdown_delay", raw.shutdown_delay.as_deref(), Duration::from_secs(5)),
         body_timeout: e.positive_duration("server.body_timeout", raw.body_timeout.as_deref(), Duration::from_secs(30)),
