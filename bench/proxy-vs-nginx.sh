@@ -142,7 +142,8 @@ case "$code" in 200|000) echo "the auth gate answered $code without a cookie: au
 
 # ---------------------------------------------------------------- helpers
 nginx_pids() { echo "$1" $(ps -o pid= --ppid "$1"); }               # master + workers
-cpu_ticks() { local p; for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null || true; done | awk '{sub(/^.*\) /, ""); t += $12 + $13} END {print t + 0}'; }
+# cpu_ticks PID...: "utime stime" summed over the processes, in clock ticks.
+cpu_ticks() { local p; for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null || true; done | awk '{sub(/^.*\) /, ""); u += $12; s += $13} END {print u + 0, s + 0}'; }
 rss_kb() { local p; for p in "$@"; do cat "/proc/$p/status" 2>/dev/null || true; done | awk '/^VmRSS:/ {s += $2} END {print s + 0}'; }
 metric() { awk -v re="$2" '$0 !~ /^#/ && $1 ~ re {s += $NF} END {print s + 0}' "$1"; }   # FILE NAME_REGEX: sum
 scrape() { curl -s --max-time 5 "http://127.0.0.1:$1/metrics" > "$2" || : > "$2"; }
@@ -150,7 +151,7 @@ calc() { awk "BEGIN { x = $1; printf \"%.${2:-2}f\", x }" 2>/dev/null || echo n/
 has() { local v; for v in "$@"; do [ -n "$v" ] && [ "$v" != n/a ] || return 1; done; }
 CLK_TCK="$(getconf CLK_TCK)"
 
-declare -A RPS=() P99=() REQS=() CPU=() VALID=() NOTE=() PROTO=()
+declare -A RPS=() P99=() REQS=() CPU=() USR=() SYS=() VALID=() NOTE=() PROTO=()
 to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
     if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000; printf "%.2f", n }'; }
 
@@ -159,14 +160,14 @@ to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
 # and $WRK_HOOK (a function name, if set) is called with 0 before and 1 after it.
 WRK_HOOK=
 wrk_run() {
-    local key="$1" name="$2" url="$3" admin="$4" out="$TMP/wrk-$1.out" t0 t1 n2xx sock p
+    local key="$1" name="$2" url="$3" admin="$4" out="$TMP/wrk-$1.out" u0 s0 u1 s1 n2xx sock p
     shift 4
     wrk -t"$THREADS" -c"$CONNS" -d2s -H "$COOKIE" "$url" >/dev/null 2>&1 || true   # warm up
     [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 0
     [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-0"
-    t0="$(cpu_ticks "$@")"
+    read -r u0 s0 < <(cpu_ticks "$@")
     wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -H "$COOKIE" "$url" >"$out" 2>&1 || true
-    t1="$(cpu_ticks "$@")"
+    read -r u1 s1 < <(cpu_ticks "$@")
     [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-1"
     [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 1
     echo "== $name ($url, $CONNS connections, $DURATION)"
@@ -178,12 +179,14 @@ wrk_run() {
     sock="$(awk '/Socket errors/ {sub(/^ *Socket errors: */, ""); print}' "$out")"
     VALID[$key]=1; NOTE[$key]=""
     if ! has "${REQS[$key]}" || [ "${REQS[$key]}" -eq 0 ]; then
-        VALID[$key]=; NOTE[$key]="wrk failed: $(tail -1 "$out")"; RPS[$key]=n/a; P99[$key]=n/a; CPU[$key]=n/a; return
+        VALID[$key]=; NOTE[$key]="wrk failed: $(tail -1 "$out")"; RPS[$key]=n/a; P99[$key]=n/a; CPU[$key]=n/a; USR[$key]=n/a; SYS[$key]=n/a; return
     fi
     [ -n "$n2xx" ] && [ "$n2xx" != 0 ] && { VALID[$key]=; NOTE[$key]+="$n2xx non-2xx answers; "; }
     [ -n "$sock" ] && NOTE[$key]+="socket errors: $sock; "
     case "$sock" in connect\ [1-9]*) VALID[$key]= ;; esac
-    CPU[$key]="$(calc "($t1 - $t0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 1)"
+    USR[$key]="$(calc "($u1 - $u0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 2)"
+    SYS[$key]="$(calc "($s1 - $s0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 2)"
+    CPU[$key]="$(calc "($u1 - $u0 + $s1 - $s0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 1)"
     for p in "$@"; do bench_alive "$p" || { VALID[$key]=; NOTE[$key]+="process $p exited during the run; "; }; done
 }
 
@@ -262,18 +265,20 @@ median() {
 # combine KEY: the row's value from its rounds KEY_1..KEY_N: the median req/s, p99 and CPU per
 # request, valid only if every round was, the notes of every round.
 combine() {
-    local k="$1" r rps=() p99=() cpu=() reqs=0 notes=""
+    local k="$1" r rps=() p99=() cpu=() usr=() sys=() reqs=0 notes=""
     VALID[$k]=1
     for r in $(seq "$ROUNDS"); do
         rps+=("${RPS[${k}_$r]:-n/a}"); p99+=("${P99[${k}_$r]:-n/a}"); cpu+=("${CPU[${k}_$r]:-n/a}")
+        usr+=("${USR[${k}_$r]:-n/a}"); sys+=("${SYS[${k}_$r]:-n/a}")
         has "${REQS[${k}_$r]:-}" && reqs=$(( reqs + REQS[${k}_$r] ))
         [ -n "${VALID[${k}_$r]:-}" ] || VALID[$k]=
         [ -n "${NOTE[${k}_$r]:-}" ] && notes+="round $r: ${NOTE[${k}_$r]%; }; "
     done
     RPS[$k]="$(median "${rps[@]}")"; P99[$k]="$(median "${p99[@]}")"; CPU[$k]="$(median "${cpu[@]}")"
+    USR[$k]="$(median "${usr[@]}")"; SYS[$k]="$(median "${sys[@]}")"
     REQS[$k]=$reqs; PROTO[$k]="${PROTO[${k}_1]:-}"
     NOTE[$k]="median of $ROUNDS rounds: req/s ${rps[*]}"
-    [ "${p99[0]}" != n/a ] && NOTE[$k]+=", p99 ms ${p99[*]}, CPU µs ${cpu[*]}"
+    [ "${p99[0]}" != n/a ] && NOTE[$k]+=", p99 ms ${p99[*]}, CPU µs ${cpu[*]} (user ${usr[*]}; kernel ${sys[*]})"
     NOTE[$k]+="; ${notes}"
 }
 
@@ -357,7 +362,7 @@ declare -A R=(
     [1a]="$(pr RPS gplain nplain)" [1b]="$(pr P99 gplain nplain)" [2a]="$(pr RPS gauth nauth)"
     [2b]="$(pr RPS gauth gplain)" [2bn]="$(pr RPS nauth nplain)" [4]="$(pr RPS gh2 nh2)"
     [5]="$(pr RPS glog gplain)" [5n]="$(pr RPS nlog nplain)" [6a]="$(pr CPU gplain nplain)"
-    [6b]="$(pr CPU gauth nauth)")
+    [6b]="$(pr CPU gauth nauth)" [6c]="$(pr USR gplain nplain)" [6d]="$(pr SYS gplain nplain)")
 [ -n "$HAVE_REDIS" ] && R[3]="$(pr RPS grl gauth)"
 
 row 1a "plain HTTPS/1.1 keep-alive proxy, req/s (wrk -t1 -c$CONNS)" "$(fmt "${RPS[nplain]}")" "$(fmt "${RPS[gplain]}")" "$(x "${R[1a]}")" "gate ≥ 1.3× nginx" \
@@ -384,6 +389,16 @@ row 6a "CPU per request, plain (µs, utime+stime ÷ requests)" "${CPU[nplain]}" 
     "$(verdict "${R[6a]} <= 1" nplain gplain)"
 row 6b "CPU per request, authenticated (µs)" "${CPU[nauth]}" "${CPU[gauth]}" "$(x "${R[6b]}")" "gate ≤ nginx" \
     "$(verdict "${R[6b]} <= 1" nauth gauth)"
+row 6c "CPU per request, plain, user space (µs, utime ÷ requests): TLS, HTTP, the proxy's own work" "${USR[nplain]}" "${USR[gplain]}" "$(x "${R[6c]}")" "— (informational)" \
+    "$([ -n "${VALID[gplain]:-}" ] && [ -n "${VALID[nplain]:-}" ] && echo info || echo INVALID)"
+row 6d "CPU per request, plain, kernel (µs, stime ÷ requests): loopback TCP and system calls" "${SYS[nplain]}" "${SYS[gplain]}" "$(x "${R[6d]}")" "— (informational)" \
+    "$([ -n "${VALID[gplain]:-}" ] && [ -n "${VALID[nplain]:-}" ] && echo info || echo INVALID)"
+# The kernel's share is a floor that no user-space work removes. Both proxies are bound by their
+# one core here, so with no user-space work at all the gate's plain req/s would be at most nginx's
+# times (nginx's CPU per request ÷ the gate's kernel CPU per request).
+has "${CPU[nplain]}" "${SYS[gplain]}" && R[6e]="$(calc "${CPU[nplain]} / ${SYS[gplain]}" 2)"
+row 6e "bound on the plain req/s ratio from kernel time alone (nginx CPU ÷ gate kernel CPU, per request)" "—" "—" "$(x "${R[6e]:-n/a}")" "— (informational)" \
+    "$([ -n "${VALID[gplain]:-}" ] && [ -n "${VALID[nplain]:-}" ] && echo info || echo INVALID)"
 VALID[mem]=1
 grep -q "^held open=$MEM_CONNS of $MEM_CONNS" "$TMP/idle-gate.out" || VALID[mem]=
 VALID[nmem]=1

@@ -175,13 +175,13 @@ impl crate::body::BodyGuard for Observer {
         let stream_ms = match (self.streamed, self.headers_at) {
             (true, Some(at)) => {
                 let d = at.elapsed();
-                m.stream_duration.with_label_values(&[route, end.as_str()]).observe(d.as_secs_f64());
-                Some(d.as_micros() as f64 / 1000.0)
+                slot.observe_stream(&m.stream_duration, route, end, d.as_secs_f64());
+                Some(millis(d))
             }
             _ => None,
         };
         let rid = self.request_id.to_str().unwrap_or("-");
-        let duration_ms = elapsed.as_micros() as f64 / 1000.0;
+        let duration_ms = millis(elapsed);
         let (method, client_ip, outcome) = (&self.method, self.client_ip, end.as_str());
         match &self.error {
             Some(e) if status >= 500 || self.rejected => tracing::warn!(
@@ -293,6 +293,7 @@ impl Gateway {
             .map(|name| RouteMetrics {
                 duration: metrics.http_request_duration.with_label_values(&[name]),
                 requests: std::sync::RwLock::default(),
+                stream_complete: std::sync::OnceLock::new(),
             })
             .collect();
         Ok(Gateway {
@@ -601,12 +602,23 @@ fn finish(
 struct RouteMetrics {
     duration: prometheus::Histogram,
     requests: std::sync::RwLock<Vec<(&'static str, u16, prometheus::IntCounter)>>,
+    /// Its streams that ended complete, resolved at the first (so the series appears only then).
+    stream_complete: std::sync::OnceLock<prometheus::Histogram>,
 }
 
 /// Request counters kept per route; further method/status pairs are looked up each time.
 const ROUTE_COUNTERS_KEPT: usize = 32;
 
 impl RouteMetrics {
+    /// Observe a streamed body's duration in `chatkit_gate_stream_duration_seconds`.
+    fn observe_stream(&self, vec: &prometheus::HistogramVec, route: &str, end: BodyEnd, secs: f64) {
+        if end == BodyEnd::Complete {
+            self.stream_complete.get_or_init(|| vec.with_label_values(&[route, end.as_str()])).observe(secs);
+        } else {
+            vec.with_label_values(&[route, end.as_str()]).observe(secs);
+        }
+    }
+
     /// Count one answered request in `chatkit_gate_http_requests_total`.
     fn count(&self, vec: &prometheus::IntCounterVec, route: &str, method: &'static str, status: u16, label: &str) {
         if let Ok(kept) = self.requests.read()
@@ -624,6 +636,12 @@ impl RouteMetrics {
             kept.push((method, status, counter));
         }
     }
+}
+
+/// A duration in milliseconds, to the microsecond (as `as_micros() as f64 / 1000.0`, without the
+/// 128-bit conversion).
+fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(d.subsec_micros()))) as f64 / 1000.0
 }
 
 /// What admission established for a request that may go on.
