@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use chatkit_gate::cli::{Cli, Command, check_environment, init_logging, log_settings};
-use chatkit_gate::{Config, Listeners, run};
+use chatkit_gate::server::{Workers, run_with_workers};
+use chatkit_gate::{Config, Listeners};
 
 /// jemalloc, with its background purging thread: memory freed when connections close goes back
 /// to the system within seconds (glibc keeps it in its arenas).
@@ -49,27 +50,28 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // One worker: a single-threaded runtime. Everything runs on this thread with no
-    // work-stealing scheduler between tasks (its cross-thread queues and wake-ups cost ~20% CPU
-    // per proxied request when there is only one worker to steal from).
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    let runtime = match builder.enable_all().build() {
+    // One single-threaded runtime per worker: this thread is worker 0, the others accept on the
+    // same listeners and serve their own connections. No work-stealing scheduler between tasks:
+    // its cross-thread queues and wake-ups cost ~20% CPU per proxied request.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
+    let workers = match Workers::start(workers - 1) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: cannot start the worker threads: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let result = runtime.block_on(async {
         let listeners = Listeners::bind(&config).await?;
-        run(config, listeners, shutdown_signal()).await
+        run_with_workers(config, listeners, shutdown_signal(), &workers).await
     });
+    drop(workers);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

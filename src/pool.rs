@@ -1,6 +1,8 @@
 //! Keep-alive HTTP/1.1 connections to the app, driven through hyper's connection API.
 //!
-//! A request takes the most recently used idle connection that is ready, or opens one. The
+//! A request takes the most recently used idle connection of its worker (see
+//! [`crate::server::Workers`]) that is ready, or opens one: a connection is driven by the worker
+//! that opened it and used only by that worker's requests. The
 //! connection comes back when its answer's body has been read to the end (the body carries it,
 //! see [`crate::body::GateBody::from_app`]): no task per request, no channel hop, no hashing.
 //! Idle connections older than the idle timeout are never reused and are closed by a reaper.
@@ -51,7 +53,10 @@ pub struct PoolOptions {
     pub target: String,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Idle connections kept in all (shared out among the workers).
     pub max_idle: usize,
+    /// Workers serving requests; each has its own idle connections.
+    pub workers: usize,
 }
 
 /// The app's connection pool. Cheap to share (`Arc` inside).
@@ -62,8 +67,10 @@ pub struct AppPool {
 
 struct Inner {
     opts: PoolOptions,
-    /// Most recently returned last.
-    idle: Mutex<Vec<Idle>>,
+    /// By worker, most recently returned last.
+    idle: Box<[Mutex<Vec<Idle>>]>,
+    /// Idle connections kept per worker.
+    max_idle: usize,
     idle_ms: AtomicU64,
     reaper: AtomicBool,
 }
@@ -78,12 +85,14 @@ struct Idle {
 pub struct Lent {
     pool: Weak<Inner>,
     tx: http1::SendRequest<GateBody>,
+    /// The worker whose idle connections it goes back to.
+    worker: usize,
 }
 
 impl Lent {
     pub fn give_back(self) {
         if let Some(pool) = self.pool.upgrade() {
-            Inner::put(&pool, self.tx);
+            pool.put(self.worker, self.tx);
         }
     }
 }
@@ -91,9 +100,12 @@ impl Lent {
 impl AppPool {
     pub fn new(opts: PoolOptions) -> AppPool {
         let idle_ms = opts.idle_timeout.as_millis() as u64;
+        let workers = opts.workers.max(1);
+        let max_idle = opts.max_idle.div_ceil(workers);
         AppPool {
             inner: Arc::new(Inner {
-                idle: Mutex::new(Vec::with_capacity(opts.max_idle.min(64))),
+                idle: (0..workers).map(|_| Mutex::new(Vec::with_capacity(max_idle.min(64)))).collect(),
+                max_idle,
                 idle_ms: AtomicU64::new(idle_ms),
                 reaper: AtomicBool::new(false),
                 opts,
@@ -122,16 +134,17 @@ impl AppPool {
     ) -> Result<(Response<Incoming>, Lent), SendError> {
         // Connecting is boxed: its future is large and rarely needed, and every request's
         // state would otherwise carry room for it.
-        let (mut tx, reused) = match self.inner.take() {
+        let worker = self.inner.slot();
+        let (mut tx, reused) = match self.inner.take(worker) {
             Some(tx) => (tx, true),
             None => (Box::pin(self.connect()).await?, false),
         };
         // Boxed: the retry is rare, and its state would otherwise widen every request's.
         let retry = Box::pin(match tx.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, self.lend(tx))),
+            Ok(resp) => return Ok((resp, self.lend(tx, worker))),
             Err(e) => {
                 drop(tx);
-                self.retry(e, reused, replay, retried)
+                self.retry(e, reused, replay, retried, worker)
             }
         });
         retry.await
@@ -145,6 +158,7 @@ impl AppPool {
         reused: bool,
         replay: Option<Request<GateBody>>,
         retried: impl FnOnce(&SendError),
+        worker: usize,
     ) -> Result<(Response<Incoming>, Lent), SendError> {
         let unsent = e.take_message();
         let error = SendError::Http(e.into_error());
@@ -155,11 +169,11 @@ impl AppPool {
         retried(&error);
         let mut tx = self.connect().await?;
         let resp = tx.send_request(again).await?;
-        Ok((resp, self.lend(tx)))
+        Ok((resp, self.lend(tx, worker)))
     }
 
-    fn lend(&self, tx: http1::SendRequest<GateBody>) -> Lent {
-        Lent { pool: Arc::downgrade(&self.inner), tx }
+    fn lend(&self, tx: http1::SendRequest<GateBody>, worker: usize) -> Lent {
+        Lent { pool: Arc::downgrade(&self.inner), tx, worker }
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<GateBody>, SendError> {
@@ -184,11 +198,17 @@ impl AppPool {
 }
 
 impl Inner {
-    /// The most recently used ready connection; closed and expired ones are dropped on the way.
-    fn take(&self) -> Option<http1::SendRequest<GateBody>> {
+    /// The current worker's idle connections.
+    fn slot(&self) -> usize {
+        crate::server::worker_index() % self.idle.len()
+    }
+
+    /// The most recently used ready connection of `worker`; closed and expired ones are dropped
+    /// on the way.
+    fn take(&self, worker: usize) -> Option<http1::SendRequest<GateBody>> {
         let now = Instant::now();
         let max_age = Duration::from_millis(self.idle_ms.load(Ordering::Relaxed));
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.idle[worker].lock().unwrap_or_else(PoisonError::into_inner);
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
@@ -203,12 +223,12 @@ impl Inner {
         None
     }
 
-    fn put(this: &Arc<Inner>, tx: http1::SendRequest<GateBody>) {
+    fn put(&self, worker: usize, tx: http1::SendRequest<GateBody>) {
         if tx.is_closed() {
             return;
         }
-        let mut idle = this.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < this.opts.max_idle {
+        let mut idle = self.idle[worker].lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.max_idle {
             idle.push(Idle { tx, since: Instant::now() });
         }
     }
@@ -230,8 +250,10 @@ impl Inner {
                 let Some(pool) = weak.upgrade() else { return };
                 let max_age = Duration::from_millis(pool.idle_ms.load(Ordering::Relaxed));
                 let now = Instant::now();
-                let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                idle.retain(|c| !c.tx.is_closed() && now.saturating_duration_since(c.since) < max_age);
+                for idle in &pool.idle {
+                    let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+                    idle.retain(|c| !c.tx.is_closed() && now.saturating_duration_since(c.since) < max_age);
+                }
             }
         });
     }

@@ -301,7 +301,7 @@ impl Gateway {
             chatkit_servers,
             server: config.server.clone(),
             routes,
-            upstream: Upstream::new(&config.upstream, metrics.clone())?,
+            upstream: Upstream::new(&config.upstream, config.server.workers.unwrap_or(1), metrics.clone())?,
             auth,
             limiter,
             chatkit,

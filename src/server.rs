@@ -57,8 +57,115 @@ impl Listeners {
     }
 }
 
+thread_local! {
+    /// This thread's worker number: 0 for the thread `run` is called on, 1… for [`Workers`].
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The worker the current thread is (0 outside [`Workers`]): per-worker state, such as the
+/// app's idle connections, is looked up by it.
+pub fn worker_index() -> usize {
+    WORKER.with(std::cell::Cell::get)
+}
+
+/// The further workers of `server.workers` > 1. Each is a thread with its own single-threaded
+/// runtime that accepts on the gate's listeners and runs the connections it accepted to their
+/// end, with the app connections they use (nginx's worker processes, as threads): no
+/// work-stealing scheduler and no cross-thread wake-ups on the proxy path. The thread `run` is
+/// called on is worker 0 and also runs the admin listener and the background tasks.
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    stop: CancellationToken,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// No further workers: everything on the caller's runtime.
+    pub fn none() -> Workers {
+        Workers { handles: Vec::new(), stop: CancellationToken::new(), threads: Vec::new() }
+    }
+
+    /// Start `n` worker threads (numbered 1 to `n`), each with its runtime running.
+    pub fn start(n: usize) -> std::io::Result<Workers> {
+        let mut workers = Workers::none();
+        for i in 1..=n {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let stop = workers.stop.clone();
+            let thread = std::thread::Builder::new().name(format!("gate-worker-{i}")).spawn(move || {
+                WORKER.with(|w| w.set(i));
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(rt.handle().clone()));
+                // Runs the tasks spawned on this runtime until the gate has finished.
+                rt.block_on(stop.cancelled());
+            })?;
+            workers.threads.push(thread);
+            let handle = rx.recv().map_err(|_| std::io::Error::other("worker thread exited at start"))??;
+            workers.handles.push(handle);
+        }
+        Ok(workers)
+    }
+
+    /// Workers in all, the caller's thread included.
+    pub fn count(&self) -> usize {
+        self.handles.len() + 1
+    }
+}
+
+impl Drop for Workers {
+    /// Stop the worker threads; tasks still on them (connections past `shutdown_grace`) are
+    /// dropped with their runtimes, as those of the caller's runtime are when it ends.
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A further accept loop on `listener`'s socket, run by the worker behind `handle`.
+fn accept_on(
+    handle: &tokio::runtime::Handle,
+    listener: &TcpListener,
+    tls: Option<watch::Receiver<Arc<ServerConfig>>>,
+    ctx: Arc<ConnCtx>,
+    limit: Arc<Semaphore>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let socket: std::net::TcpListener = socket2::SockRef::from(listener).try_clone().context("listener")?.into();
+    socket.set_nonblocking(true).context("listener")?;
+    Ok(handle.spawn(async move {
+        // Registered with this worker's reactor: the socket is the same, its readiness is seen
+        // by every worker, and each accepted connection is served by the worker that took it.
+        match TcpListener::from_std(socket) {
+            Ok(listener) => accept_loop(listener, tls, ctx, limit, stop, tracker).await,
+            Err(e) => tracing::error!(error = %e, "a worker cannot accept on the listener"),
+        }
+    }))
+}
+
 /// Run the gate until `shutdown` resolves, then drain for up to `server.shutdown_grace`.
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_with_workers(config, listeners, shutdown, &Workers::none()).await
+}
+
+/// [`run`], with the gate's listeners also served by `workers`.
+pub async fn run_with_workers(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    workers: &Workers,
+) -> anyhow::Result<()> {
+    let mut config = config;
+    // The workers actually serving (per-worker state, such as the app's idle connections, is
+    // sized by it).
+    config.server.workers = Some(workers.count());
     tls::install_default_provider();
     let metrics = Metrics::new().context("metrics registry")?;
     let tls = tls::start(&config.tls, &metrics).context("tls")?;
@@ -111,8 +218,17 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         idle_timeout: config.server.idle_timeout,
         header_timeout: config.server.header_timeout,
         handshake_timeout: config.tls.handshake_timeout,
+        open_by_worker: (0..workers.count()).map(|_| std::sync::atomic::AtomicUsize::new(0)).collect(),
     });
     let mut accept_loops = Vec::new();
+    for handle in &workers.handles {
+        for (listener, tls) in std::iter::once((&listeners.https, Some(tls.clone())))
+            .chain(listeners.plain.as_ref().map(|plain| (plain, None)))
+        {
+            let (ctx, limit, stop, tracker) = (ctx.clone(), limit.clone(), stop_accepting.clone(), connections.clone());
+            accept_loops.push(accept_on(handle, listener, tls, ctx, limit, stop, tracker)?);
+        }
+    }
     accept_loops.push(tokio::spawn(accept_loop(
         listeners.https,
         Some(tls),
@@ -145,7 +261,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         https = %addrs.0,
         redirect = ?addrs.1,
         admin = %admin_addr,
-        workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        workers = workers.count(),
         version = env!("CARGO_PKG_VERSION"),
         "chatkit-gate listening"
     );
@@ -331,6 +447,27 @@ struct ConnCtx {
     idle_timeout: Duration,
     header_timeout: Duration,
     handshake_timeout: Duration,
+    /// Connections open on each worker, for [`ConnCtx::defer_accept`].
+    open_by_worker: Box<[std::sync::atomic::AtomicUsize]>,
+}
+
+/// How long a worker that holds more connections than another waits before it accepts anyway
+/// (a worker stuck elsewhere must not keep new connections waiting in the queue).
+const ACCEPT_DEFER: Duration = Duration::from_millis(1);
+
+impl ConnCtx {
+    /// Should `worker` leave the next connection to a worker holding fewer (by more than an
+    /// eighth of its own)? Every worker is woken for a new connection on the shared listener, and
+    /// the first one awake would otherwise take them all: a client opening 64 connections at
+    /// once, or an ingress keeping two, would get one worker.
+    fn defer_accept(&self, worker: usize) -> bool {
+        let open = &self.open_by_worker;
+        if open.len() < 2 {
+            return false;
+        }
+        let mine = open[worker].load(Ordering::Relaxed);
+        open.iter().any(|o| mine - o.load(Ordering::Relaxed).min(mine) > mine / 8)
+    }
 }
 
 async fn accept_loop(
@@ -342,7 +479,14 @@ async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let mut last_warned: Option<std::time::Instant> = None;
+    let worker = worker_index() % ctx.open_by_worker.len();
     loop {
+        if ctx.defer_accept(worker) {
+            tokio::select! {
+                () = tokio::time::sleep(ACCEPT_DEFER) => {}
+                () = stop.cancelled() => return,
+            }
+        }
         // Past max_connections we stop accepting: new clients wait in the kernel's queue.
         // That is counted, shown by a gauge and logged (at most every 10 s), never silent.
         let permit = match limit.clone().try_acquire_owned() {
@@ -386,10 +530,12 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let tls = tls.as_ref().map(|rx| rx.borrow().clone());
+        ctx.open_by_worker[worker].fetch_add(1, Ordering::Relaxed);
         tracker.spawn(async move {
             ctx.gateway.metrics.connections_open.inc();
             serve_connection(stream, peer, tls, &ctx, permit).await;
             ctx.gateway.metrics.connections_open.dec();
+            ctx.open_by_worker[worker].fetch_sub(1, Ordering::Relaxed);
         });
     }
 }

@@ -59,7 +59,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(settings: &UpstreamSettings, metrics: Metrics) -> anyhow::Result<Upstream> {
+    /// `workers`: the workers serving (each keeps its own idle connections to the app).
+    pub fn new(settings: &UpstreamSettings, workers: usize, metrics: Metrics) -> anyhow::Result<Upstream> {
         let authority: &Authority =
             settings.url.authority().ok_or_else(|| anyhow::anyhow!("upstream.url: URL has no host"))?;
         if settings.url.scheme() != Some(&Scheme::HTTP) {
@@ -73,6 +74,7 @@ impl Upstream {
             connect_timeout: settings.connect_timeout,
             idle_timeout: settings.pool_idle_timeout,
             max_idle: settings.pool_max_idle_per_host,
+            workers,
         });
         Ok(Upstream {
             pool,

@@ -552,6 +552,123 @@ fn one_worker_serves_both_protocols_and_drains_on_sigterm() {
     assert_eq!(app.count(), 3);
 }
 
+/// CPU time a thread of process `pid` has run, in nanoseconds, by thread name
+/// (`/proc/PID/task/TID/schedstat`).
+fn thread_cpu_ns(pid: u32, name: &str) -> Option<u64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        if std::fs::read_to_string(dir.join("comm")).ok()?.trim() == name {
+            return std::fs::read_to_string(dir.join("schedstat")).ok()?.split_whitespace().next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// `server.workers = 2`: a second worker thread with its own runtime accepts on the same
+/// listener and serves the connections it took (its CPU time grows while clients use them;
+/// every request is answered), connections are shared out between the workers; HTTP/1.1 and
+/// HTTP/2 are proxied, and a slow request in flight at SIGTERM still finishes before the
+/// process exits 0.
+#[test]
+fn a_second_worker_serves_connections_and_drains_on_sigterm() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt.block_on(FakeApp::start());
+    let mut gate = GateBuilder::new(&app.url())
+        .server("workers = 2\nshutdown_grace = \"10s\"")
+        .shutdown_delay("0s")
+        .spawn_process();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut logs = gate.logs();
+    while !logs.contains("chatkit-gate listening") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20)); // lines are written in batches
+        logs = gate.logs();
+    }
+    let listening = logs.lines().find(|l| l.contains("chatkit-gate listening")).expect("start-up line");
+    assert!(listening.contains("\"workers\":2"), "{listening}");
+    let pid = gate.child.id();
+    // Two keep-alive connections opened together go one to each worker (the first one awake
+    // would otherwise take both): each worker serves one, 50 requests. Worker 0 is the main
+    // thread, named after the binary. A worker leaves a connection to the other for a moment
+    // only, so a machine too busy to run the other in that moment gets up to three tries.
+    let mut ran = (0, 0);
+    for _ in 0..3 {
+        rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while common::metric_value(
+                &common::gate::admin_get(gate.admin, "/metrics").await.1,
+                "chatkit_gate_connections_open ",
+            ) != 0.0
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let main_before = thread_cpu_ns(pid, "chatkit-gate").expect("the main thread");
+        let before = thread_cpu_ns(pid, "gate-worker-1").expect("a thread named gate-worker-1");
+        let served = rt.block_on(async {
+            let mut tasks = Vec::new();
+            for _ in 0..2 {
+                let (client, url) = (gate.client(), gate.url("/hello"));
+                tasks.push(tokio::spawn(async move {
+                    let mut ok = 0;
+                    for _ in 0..50 {
+                        let r = client.get(&url).send().await.unwrap();
+                        ok += usize::from(r.status() == 200 && r.text().await.unwrap() == "hello from app");
+                    }
+                    ok
+                }));
+            }
+            let mut served = 0;
+            for t in tasks {
+                served += t.await.unwrap();
+            }
+            served
+        });
+        assert_eq!(served, 100);
+        ran = (
+            (thread_cpu_ns(pid, "chatkit-gate").unwrap() - main_before) / 1000,
+            (thread_cpu_ns(pid, "gate-worker-1").unwrap() - before) / 1000,
+        );
+        if ran.0 >= 1000 && ran.1 >= 1000 {
+            break;
+        }
+    }
+    assert!(ran.0 >= 1000 && ran.1 >= 1000, "workers 0 and 1 ran {ran:?} µs for two connections");
+    // New connections (a TLS handshake each), many at once: both workers are woken for them.
+    let before = thread_cpu_ns(pid, "gate-worker-1").unwrap();
+    let requests = app.count();
+    const CLIENTS: usize = 64;
+    let answers = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..CLIENTS {
+            let (client, url) = (gate.client(), gate.url("/hello"));
+            tasks.push(tokio::spawn(async move {
+                let r = client.get(url).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            }));
+        }
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+        answers
+    });
+    assert!(answers.iter().all(|a| *a == (200, "hello from app".to_string())), "{answers:?}");
+    assert_eq!(app.count(), requests + CLIENTS);
+    let after = thread_cpu_ns(pid, "gate-worker-1").unwrap();
+    assert!(after - before >= 1_000_000, "worker 1 ran {} µs for {CLIENTS} new connections", (after - before) / 1000);
+    let (h1, h2) = (gate.client(), gate.client_h2());
+    let (a, b) = rt.block_on(async {
+        let a = h1.get(gate.url("/hello")).send().await.unwrap();
+        let b = h2.get(gate.url("/hello")).send().await.unwrap();
+        ((a.version(), a.text().await.unwrap()), (b.version(), b.text().await.unwrap()))
+    });
+    assert_eq!(a, (reqwest::Version::HTTP_11, "hello from app".to_string()));
+    assert_eq!(b, (reqwest::Version::HTTP_2, "hello from app".to_string()));
+    slow_request_finishes_through_sigterm(&rt, &mut gate, h1);
+    assert_eq!(app.count(), requests + CLIENTS + 3);
+}
+
 #[test]
 fn an_unusable_worker_count_from_the_environment_is_refused_at_start() {
     // Refused before anything is bound: the two addresses are never opened.
