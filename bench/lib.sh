@@ -142,10 +142,10 @@ TOML
 }
 
 # bench_gate NAME CONF ADMIN_PORT [LEVEL=warn [STDOUT=$TMP/NAME.log]]
-# One Tokio worker thread, like nginx's one worker process: the same CPU budget.
+# One worker thread (BENCH_WORKERS), like nginx's one worker process: the same CPU budget.
 bench_gate() {
     local name="$1" conf="$2" admin="$3" level="${4:-warn}" out="${5:-$TMP/$1.log}" pid i
-    TOKIO_WORKER_THREADS=1 "$GATE" --config "$conf" --log-level "$level" >"$out" 2>"$TMP/$name.stderr" &
+    TOKIO_WORKER_THREADS="${BENCH_WORKERS:-1}" "$GATE" --config "$conf" --log-level "$level" >"$out" 2>"$TMP/$name.stderr" &
     pid=$!; PIDS+=("$pid"); BENCH_PID[$name]=$pid
     for i in $(seq 100); do
         [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$admin/readyz")" = 200 ] && return 0

@@ -10,6 +10,9 @@
 #                       gate and nginx runs interleaved, and a row's value is the median of its
 #                       rounds (each round's value is in the notes), so that one run disturbed
 #                       by the machine does not decide a ratio
+#   BENCH_WORKERS=N     worker processes of nginx and worker threads of the gate (default 1; the
+#                       goals are for 1: on a 2-core machine the client and the backend share
+#                       the cores with 2 workers)
 #   BENCH_QUICK=1       wait 5 s instead of 60 s before the "RSS after the connections close" sample
 #   BENCH_MEM_CONNS=N   idle TLS connections for the memory rows (default 1000)
 #   BENCH_KEEP_TMP=1    keep the temp dir (configs, raw wrk/h2load output, logs)
@@ -21,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 
-INVOKED="$(for v in GATE_BIN GATE BENCH_ROUNDS BENCH_QUICK BENCH_MEM_CONNS; do [ -n "${!v:-}" ] && printf '%s=%q ' "$v" "${!v}"; done; printf '%q' "$0"; for a in "$@"; do printf ' %q' "$a"; done)"
+INVOKED="$(for v in GATE_BIN GATE BENCH_ROUNDS BENCH_WORKERS BENCH_QUICK BENCH_MEM_CONNS; do [ -n "${!v:-}" ] && printf '%s=%q ' "$v" "${!v}"; done; printf '%q' "$0"; for a in "$@"; do printf ' %q' "$a"; done)"
 DURATION="${1:-10s}"
 CONNS="${2:-64}"
 THREADS=1
@@ -29,6 +32,7 @@ H2_CLIENTS=50
 H2_STREAMS=10
 MEM_CONNS="${BENCH_MEM_CONNS:-1000}"
 ROUNDS="${BENCH_ROUNDS:-3}"
+WORKERS="${BENCH_WORKERS:-1}"
 MEM_HOLD=4                                # seconds the idle connections are held (RSS sampled 1 s in)
 if [ -n "${BENCH_QUICK:-}" ]; then SETTLE=5; else SETTLE=60; fi
 COOKIE='Cookie: session=bench; other=x'
@@ -42,6 +46,7 @@ case "$DURATION" in
 esac
 [[ "$DUR_S" =~ ^[0-9]+$ ]] && [ "$DUR_S" -ge 1 ] || { echo "duration: whole seconds, minutes or hours (10s, 1m)" >&2; exit 1; }
 [[ "$CONNS" =~ ^[0-9]+$ ]] && [ "$CONNS" -ge 1 ] || { echo "connections: a positive number" >&2; exit 1; }
+[[ "$WORKERS" =~ ^[0-9]+$ ]] && [ "$WORKERS" -ge 1 ] && [ "$WORKERS" -le 64 ] || { echo "BENCH_WORKERS: a number from 1 to 64" >&2; exit 1; }
 [[ "$ROUNDS" =~ ^[0-9]+$ ]] && [ "$ROUNDS" -ge 1 ] && [ "$ROUNDS" -le 9 ] || { echo "BENCH_ROUNDS: a number from 1 to 9" >&2; exit 1; }
 
 bench_need nginx wrk h2load openssl curl python3 awk ps
@@ -69,7 +74,7 @@ PROXY_LOC='proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Conne
 TLS="ssl_certificate $TMP/cert.pem; ssl_certificate_key $TMP/key.pem; keepalive_requests 100000; keepalive_timeout 120s;"
 nginx_conf() {   # FILE NAME SERVERS
     cat > "$1" <<NGX
-worker_processes 1; daemon off; pid $TMP/$2.pid; error_log $TMP/$2.err; worker_rlimit_nofile 8192;
+worker_processes $WORKERS; daemon off; pid $TMP/$2.pid; error_log $TMP/$2.err; worker_rlimit_nofile 8192;
 events { worker_connections 4096; }
 http { access_log off;
   upstream app { server 127.0.0.1:18080; keepalive 64; }
@@ -422,7 +427,7 @@ echo
 echo "## chatkit-gate vs nginx"
 echo
 echo "Machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average $LOAD_START at start, $LOAD_END at end"
-echo "Command: \`$INVOKED\` (duration $DURATION, $ROUNDS rounds, median per row; $CONNS connections, wrk -t$THREADS; one nginx worker, TOKIO_WORKER_THREADS=1; $(( SECONDS - START_S )) s)"
+echo "Command: \`$INVOKED\` (duration $DURATION, $ROUNDS rounds, median per row; $CONNS connections, wrk -t$THREADS; $WORKERS nginx worker(s), TOKIO_WORKER_THREADS=$WORKERS; $(( SECONDS - START_S )) s)"
 echo
 echo "Values are each side's median over the $ROUNDS rounds; a ratio (and its verdict) is the median of the rounds' own ratios, each from two runs made close together."
 echo
