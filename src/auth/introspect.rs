@@ -33,6 +33,8 @@ pub(crate) struct Credentials {
     pub cookie: Option<HeaderValue>,
     /// `forward_headers` present on the request.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The cache key (the request's flight holds it; kept here for the tests of the key).
+    #[cfg(test)]
     pub key: Key,
     /// The route name in the key (a rotated credential is cached under the same route).
     pub route: Box<str>,
@@ -46,11 +48,62 @@ pub(crate) struct CredentialRules {
     pub salt: [u8; 16],
 }
 
+/// The credentials of a request with their cache key, borrowed from the request: a cached
+/// decision needs only the key, so the cookie value and the route are copied only for an
+/// introspection call ([`Found::into_owned`]).
+pub(crate) struct Found<'a> {
+    cookie: Option<CookieBytes<'a>>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    pub key: Key,
+    route: &'a str,
+}
+
+impl Found<'_> {
+    pub fn into_owned(self) -> Credentials {
+        Credentials {
+            cookie: self.cookie.and_then(CookieBytes::into_value),
+            headers: self.headers,
+            #[cfg(test)]
+            key: self.key,
+            route: self.route.into(),
+        }
+    }
+}
+
+/// A forwarded cookie value, as found in the request.
+enum CookieBytes<'a> {
+    /// A whole `Cookie` field (shared, not copied).
+    Field(&'a HeaderValue),
+    /// One `name=value` pair inside a field.
+    Pair(&'a [u8]),
+    /// Pairs or fields joined with `; `.
+    Joined(Vec<u8>),
+}
+
+impl CookieBytes<'_> {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            CookieBytes::Field(v) => v.as_bytes(),
+            CookieBytes::Pair(b) => b,
+            CookieBytes::Joined(b) => b,
+        }
+    }
+
+    fn into_value(self) -> Option<HeaderValue> {
+        match self {
+            CookieBytes::Field(v) => Some(v.clone()),
+            CookieBytes::Pair(b) => HeaderValue::from_bytes(b).ok(),
+            CookieBytes::Joined(b) => HeaderValue::from_maybe_shared(Bytes::from(b)).ok(),
+        }
+    }
+}
+
 impl CredentialRules {
     /// The forwarded credentials of a request, or `None` when it carries none at all. The key also
     /// holds the route: the introspection call names the original path, so its answer may
-    /// differ per route and is cached per route.
-    pub fn extract(&self, headers: &HeaderMap, route: &str) -> Option<Credentials> {
+    /// differ per route and is cached per route. Borrowed from the request
+    /// ([`Found::into_owned`] copies what an introspection call needs).
+    pub fn find<'a>(&self, headers: &'a HeaderMap, route: &'a str) -> Option<Found<'a>> {
         let cookie = if self.cookies.is_empty() { whole_cookie(headers) } else { self.named_cookies(headers) };
         let mut forwarded = Vec::new();
         for name in &self.forward_headers {
@@ -61,8 +114,8 @@ impl CredentialRules {
         if cookie.is_none() && forwarded.is_empty() {
             return None;
         }
-        let key = self.key(route, cookie.as_ref().map(HeaderValue::as_bytes), &forwarded);
-        Some(Credentials { cookie, headers: forwarded, key, route: route.into() })
+        let key = self.key(route, cookie.as_ref().map(CookieBytes::as_bytes), &forwarded);
+        Some(Found { cookie, headers: forwarded, key, route })
     }
 
     /// The cache key of a route, a forwarded cookie value and forwarded headers.
@@ -86,8 +139,8 @@ impl CredentialRules {
     }
 
     /// `name=value` pairs of the configured cookies (and their `.N` chunks), in request order;
-    /// allocates only them.
-    fn named_cookies(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+    /// allocates only when there are several.
+    fn named_cookies<'a>(&self, headers: &'a HeaderMap) -> Option<CookieBytes<'a>> {
         // HTTP/2 clients may send one `cookie` field per pair: look at all of them.
         let fields = headers.get_all(COOKIE);
         let mut found = fields.iter().flat_map(|field| {
@@ -100,11 +153,12 @@ impl CredentialRules {
         let first = found.next()?;
         let Some(second) = found.next() else {
             // One pair: when it is a whole field (`Cookie: session=…` alone, or HTTP/2's one
-            // field per pair), that field's value is shared, not copied.
-            return match fields.iter().find(|field| field.as_bytes() == first) {
-                Some(whole) => Some(whole.clone()),
-                None => HeaderValue::from_bytes(first).ok(),
-            };
+            // field per pair), that field's value is shared, not copied. A pair, a trimmed slice
+            // of a valid field, is itself a valid header value.
+            return Some(match fields.iter().find(|field| field.as_bytes() == first) {
+                Some(whole) => CookieBytes::Field(whole),
+                None => CookieBytes::Pair(first),
+            });
         };
         let mut out: Vec<u8> = Vec::with_capacity(fields.iter().map(HeaderValue::len).sum());
         out.extend_from_slice(first);
@@ -112,22 +166,22 @@ impl CredentialRules {
             out.extend_from_slice(b"; ");
             out.extend_from_slice(pair);
         }
-        HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
+        Some(CookieBytes::Joined(out))
     }
 }
 
-fn whole_cookie(headers: &HeaderMap) -> Option<HeaderValue> {
+fn whole_cookie(headers: &HeaderMap) -> Option<CookieBytes<'_>> {
     let mut values = headers.get_all(COOKIE).iter().filter(|v| !v.as_bytes().trim_ascii().is_empty());
     let first = values.next()?;
     let Some(second) = values.next() else {
-        return Some(first.clone());
+        return Some(CookieBytes::Field(first));
     };
     let mut out = first.as_bytes().to_vec();
     for v in std::iter::once(second).chain(values) {
         out.extend_from_slice(b"; ");
         out.extend_from_slice(v.as_bytes());
     }
-    HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
+    Some(CookieBytes::Joined(out))
 }
 
 /// What the original request contributes to the introspection call besides credentials.
@@ -432,6 +486,12 @@ mod tests {
             h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    impl CredentialRules {
+        fn extract(&self, headers: &HeaderMap, route: &str) -> Option<Credentials> {
+            self.find(headers, route).map(Found::into_owned)
+        }
     }
 
     #[test]

@@ -343,15 +343,17 @@ impl Authenticator {
         ctx: &RequestContext,
     ) -> Result<(Decision, Vec<HeaderValue>, Source), Refusal> {
         let inner = &self.inner;
-        let Some(creds) = inner.rules.extract(&parts.headers, &route.name) else {
+        // Borrowed from the request: a cached decision needs only the key.
+        let Some(found) = inner.rules.find(&parts.headers, &route.name) else {
             return Ok((Decision::SignedOut, Vec::new(), Source::None));
         };
-        let mut rx = match inner.cache.lookup(creds.key, Instant::now()) {
+        let mut rx = match inner.cache.lookup(found.key, Instant::now()) {
             Lookup::Fresh(decision) => return Ok((decision, Vec::new(), Source::Cache)),
             Lookup::Pending { lead, stale: Some(Decision::SignedIn(signed)), .. } => {
                 // Stale-while-revalidate: answer now; one call (single-flight per credentials)
                 // refreshes the entry. A hung endpoint then costs this user nothing.
                 if let Some(flight) = lead {
+                    let creds = found.into_owned();
                     let req = inner.introspector.request(&creds, &Forwarded::of(parts, ctx));
                     tokio::spawn(self.inner.clone().introspect(flight, req, creds));
                 }
@@ -370,6 +372,7 @@ impl Authenticator {
                     }
                     // Spawned: the call finishes (and feeds the cache and the other waiters) even
                     // when this request is abandoned by its client.
+                    let creds = found.into_owned();
                     let req = inner.introspector.request(&creds, &Forwarded::of(parts, ctx));
                     tokio::spawn(self.inner.clone().introspect(flight, req, creds));
                 }
