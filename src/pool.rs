@@ -123,19 +123,21 @@ impl AppPool {
         self.inner.idle_ms.store(idle.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Send `req`. On a reused connection that turns out closed before answering, the request
-    /// goes out once more on a new connection: itself when it was never written, else `replay`
-    /// (a bodiless copy) when given. `retried` is called when that happens.
+    /// Send `req` (`now`: the time, for the idle connections' age). On a reused connection that
+    /// turns out closed before answering, the request goes out once more on a new connection:
+    /// itself when it was never written, else `replay` (a bodiless copy) when given. `retried`
+    /// is called when that happens.
     pub async fn send(
         &self,
         req: Request<GateBody>,
         replay: Option<Request<GateBody>>,
+        now: Instant,
         retried: impl FnOnce(&SendError),
     ) -> Result<(Response<Incoming>, Lent), SendError> {
         // Connecting is boxed: its future is large and rarely needed, and every request's
         // state would otherwise carry room for it.
         let worker = self.inner.slot();
-        let (mut tx, reused) = match self.inner.take(worker) {
+        let (mut tx, reused) = match self.inner.take(worker, now) {
             Some(tx) => (tx, true),
             None => (Box::pin(self.connect()).await?, false),
         };
@@ -205,8 +207,7 @@ impl Inner {
 
     /// The most recently used ready connection of `worker`; closed and expired ones are dropped
     /// on the way.
-    fn take(&self, worker: usize) -> Option<http1::SendRequest<GateBody>> {
-        let now = Instant::now();
+    fn take(&self, worker: usize, now: Instant) -> Option<http1::SendRequest<GateBody>> {
         let max_age = Duration::from_millis(self.idle_ms.load(Ordering::Relaxed));
         let mut idle = self.idle[worker].lock().unwrap_or_else(PoisonError::into_inner);
         let mut i = idle.len();

@@ -130,6 +130,8 @@ struct Observer {
     error: Option<GateError>,
     started: Instant,
     headers_at: Option<Instant>,
+    /// When the answer ended (its body finished, failed or was dropped).
+    ended: Option<Instant>,
     streamed: bool,
     done: bool,
     /// Refused by admission (path, Host, method, header size): route label `rejected`.
@@ -161,10 +163,13 @@ impl crate::body::BodyGuard for Observer {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        // One clock read for the durations and for the connection's idle clock (see `Drop`).
+        let now = Instant::now();
+        self.ended = Some(now);
         let m = &self.gateway.metrics;
         let route = self.route_name();
         let status = self.status.map_or(499, |s| s.as_u16());
-        let elapsed = self.started.elapsed();
+        let elapsed = now.saturating_duration_since(self.started);
         let status_label = match &self.status {
             Some(s) => s.as_str(),
             None => "499",
@@ -174,7 +179,7 @@ impl crate::body::BodyGuard for Observer {
         slot.duration.observe(elapsed.as_secs_f64());
         let stream_ms = match (self.streamed, self.headers_at) {
             (true, Some(at)) => {
-                let d = at.elapsed();
+                let d = now.saturating_duration_since(at);
                 slot.observe_stream(&m.stream_duration, route, end, d.as_secs_f64());
                 Some(millis(d))
             }
@@ -222,7 +227,8 @@ impl Drop for Observer {
         }
         self.gateway.metrics.http_in_flight.dec();
         if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.conn.touch(self.gateway.clock.now_ms());
+            let clock = &self.gateway.clock;
+            self.conn.touch(self.ended.map_or_else(|| clock.now_ms(), |at| clock.ms_at(at)));
         }
     }
 }
@@ -243,6 +249,11 @@ impl Clock {
 
     pub fn now_ms(&self) -> u64 {
         self.0.elapsed().as_millis() as u64
+    }
+
+    /// `at` on this clock (what [`Clock::now_ms`] said then).
+    pub fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.0).as_millis() as u64
     }
 }
 
@@ -373,6 +384,7 @@ impl Gateway {
             error: None,
             started,
             headers_at: None,
+            ended: None,
             streamed: false,
             done: false,
             rejected: false,
