@@ -348,6 +348,8 @@ verdict() {
     [[ "$cond" == *n/a* ]] && { echo n/a; return; }
     awk "BEGIN { exit !($cond) }" && echo PASS || echo FAIL
 }
+# info KEY...: the result of an informational row, INVALID when a run it uses was not clean.
+info() { local k; for k in "$@"; do [ -n "${VALID[$k]:-}" ] || { echo INVALID; return; }; done; echo info; }
 ROWS=()
 row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
 
@@ -380,7 +382,7 @@ row 2b "authenticated ÷ plain, same server" "$(x "${R[2bn]}")" "$(x "${R[2b]}")
     "$(verdict "${R[2b]} >= 0.95" gauth gplain)"
 if [ -n "$HAVE_REDIS" ]; then
     row 3 "gate auth + Redis rate limit, req/s (ratio: ÷ gate auth)" "—" "$(fmt "${RPS[grl]}")" "$(x "${R[3]}")" "— (informational)" \
-        "$([ -n "${VALID[grl]:-}" ] && echo info || echo INVALID)"
+        "$(info grl)"
 else
     row 3 "gate auth + Redis rate limit" "—" "skipped (no redis-server)" "—" "— (informational)" "—"
 fi
@@ -395,15 +397,15 @@ row 6a "CPU per request, plain (µs, utime+stime ÷ requests)" "${CPU[nplain]}" 
 row 6b "CPU per request, authenticated (µs)" "${CPU[nauth]}" "${CPU[gauth]}" "$(x "${R[6b]}")" "gate ≤ nginx" \
     "$(verdict "${R[6b]} <= 1" nauth gauth)"
 row 6c "CPU per request, plain, user space (µs, utime ÷ requests): TLS, HTTP, the proxy's own work" "${USR[nplain]}" "${USR[gplain]}" "$(x "${R[6c]}")" "— (informational)" \
-    "$([ -n "${VALID[gplain]:-}" ] && [ -n "${VALID[nplain]:-}" ] && echo info || echo INVALID)"
+    "$(info gplain nplain)"
 row 6d "CPU per request, plain, kernel (µs, stime ÷ requests): loopback TCP and system calls" "${SYS[nplain]}" "${SYS[gplain]}" "$(x "${R[6d]}")" "— (informational)" \
-    "$([ -n "${VALID[gplain]:-}" ] && [ -n "${VALID[nplain]:-}" ] && echo info || echo INVALID)"
+    "$(info gplain nplain)"
 # The kernel's share is a floor that no user-space work removes. Both proxies are bound by their
 # one core here, so with no user-space work at all the gate's plain req/s would be at most nginx's
 # times (nginx's CPU per request ÷ the gate's kernel CPU per request).
 has "${CPU[nplain]}" "${SYS[gplain]}" && R[6e]="$(calc "${CPU[nplain]} / ${SYS[gplain]}" 2)"
 row 6e "bound on the plain req/s ratio from kernel time alone (nginx CPU ÷ gate kernel CPU, per request)" "—" "—" "$(x "${R[6e]:-n/a}")" "— (informational)" \
-    "$([ -n "${VALID[gplain]:-}" ] && [ -n "${VALID[nplain]:-}" ] && echo info || echo INVALID)"
+    "$(info gplain nplain)"
 VALID[mem]=1
 grep -q "^held open=$MEM_CONNS of $MEM_CONNS" "$TMP/idle-gate.out" || VALID[mem]=
 VALID[nmem]=1
@@ -416,7 +418,7 @@ row 7b "RSS with $MEM_CONNS idle TLS keep-alive connections (MiB)" "$(mib "$n")"
     "$(verdict "$g <= 32 * 1024" mem)"
 gk="$(calc "(${RSS_LOAD[gate]} - ${RSS_PRE[gate]}) / $MEM_CONNS" 1)"; nk="$(calc "(${RSS_LOAD[nginx]} - ${RSS_PRE[nginx]}) / $MEM_CONNS" 1)"
 row 7c "memory per idle connection (KiB, (RSS_$MEM_CONNS − RSS_idle) ÷ $MEM_CONNS)" "$nk" "$gk" "$(ratio "$gk" "$nk")" "— (informational)" \
-    "$([ -n "${VALID[mem]:-}" ] && echo info || echo INVALID)"
+    "$(info mem)"
 g="$RSS_AFTER_gate"; n="$RSS_AFTER_nginx"
 pct() { has "$1" "$2" && echo "$(calc "($1 - $2) * 100 / $2" 0)%" || echo n/a; }
 row 7d "RSS $SETTLE s after the connections closed (MiB; % vs idle before)$([ -n "${BENCH_QUICK:-}" ] && echo ' — BENCH_QUICK: 5 s, not 60 s')" \

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     }
     let (format, level) = log_settings(&cli, Some(&config));
     let _log_guard = init_logging(format, &level);
-    let workers = match config.server.worker_threads() {
+    let threads = match config.server.worker_threads() {
         Ok(n) => n,
         Err(e) => {
             eprintln!("error: server.workers: {e}");
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let workers = match Workers::start(workers - 1) {
+    let workers = match Workers::start(threads - 1) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("error: cannot start the worker threads: {e}");

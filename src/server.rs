@@ -466,7 +466,7 @@ impl ConnCtx {
             return false;
         }
         let mine = open[worker].load(Ordering::Relaxed);
-        open.iter().any(|o| mine - o.load(Ordering::Relaxed).min(mine) > mine / 8)
+        open.iter().any(|o| mine.saturating_sub(o.load(Ordering::Relaxed)) > mine / 8)
     }
 }
 

@@ -528,8 +528,15 @@ fn malformed_and_oversize_requests_are_answered_and_logged() {
 fn one_worker_serves_both_protocols_and_drains_on_sigterm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let app = rt.block_on(FakeApp::start());
-    let mut gate = GateBuilder::new(&app.url())
-        .server("workers = 1\nshutdown_grace = \"10s\"")
+    let mut gate = spawn_with_workers(&app, 1);
+    both_protocols_then_drain(&rt, &mut gate);
+    assert_eq!(app.count(), 3);
+}
+
+/// The binary with `server.workers = workers`, once its start-up line says so.
+fn spawn_with_workers(app: &FakeApp, workers: usize) -> common::gate::GateProcess {
+    let gate = GateBuilder::new(&app.url())
+        .server(&format!("workers = {workers}\nshutdown_grace = \"10s\""))
         .shutdown_delay("0s")
         .spawn_process();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -539,7 +546,13 @@ fn one_worker_serves_both_protocols_and_drains_on_sigterm() {
         logs = gate.logs();
     }
     let listening = logs.lines().find(|l| l.contains("chatkit-gate listening")).expect("start-up line");
-    assert!(listening.contains("\"workers\":1"), "{listening}");
+    assert!(listening.contains(&format!("\"workers\":{workers}")), "{listening}");
+    gate
+}
+
+/// HTTP/1.1 and HTTP/2 are proxied (two requests), then a slow request in flight at SIGTERM
+/// still finishes and the process exits 0 (one more).
+fn both_protocols_then_drain(rt: &tokio::runtime::Runtime, gate: &mut common::gate::GateProcess) {
     let (h1, h2) = (gate.client(), gate.client_h2());
     let (a, b) = rt.block_on(async {
         let a = h1.get(gate.url("/hello")).send().await.unwrap();
@@ -548,8 +561,7 @@ fn one_worker_serves_both_protocols_and_drains_on_sigterm() {
     });
     assert_eq!(a, (reqwest::Version::HTTP_11, "hello from app".to_string()));
     assert_eq!(b, (reqwest::Version::HTTP_2, "hello from app".to_string()));
-    slow_request_finishes_through_sigterm(&rt, &mut gate, h1);
-    assert_eq!(app.count(), 3);
+    slow_request_finishes_through_sigterm(rt, gate, h1);
 }
 
 /// CPU time a thread of process `pid` has run, in nanoseconds, by thread name
@@ -573,18 +585,7 @@ fn thread_cpu_ns(pid: u32, name: &str) -> Option<u64> {
 fn a_second_worker_serves_connections_and_drains_on_sigterm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let app = rt.block_on(FakeApp::start());
-    let mut gate = GateBuilder::new(&app.url())
-        .server("workers = 2\nshutdown_grace = \"10s\"")
-        .shutdown_delay("0s")
-        .spawn_process();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut logs = gate.logs();
-    while !logs.contains("chatkit-gate listening") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20)); // lines are written in batches
-        logs = gate.logs();
-    }
-    let listening = logs.lines().find(|l| l.contains("chatkit-gate listening")).expect("start-up line");
-    assert!(listening.contains("\"workers\":2"), "{listening}");
+    let mut gate = spawn_with_workers(&app, 2);
     let pid = gate.child.id();
     // Two keep-alive connections opened together go one to each worker (the first one awake
     // would otherwise take both): each worker serves one, 50 requests. Worker 0 is the main
@@ -657,15 +658,7 @@ fn a_second_worker_serves_connections_and_drains_on_sigterm() {
     assert_eq!(app.count(), requests + CLIENTS);
     let after = thread_cpu_ns(pid, "gate-worker-1").unwrap();
     assert!(after - before >= 1_000_000, "worker 1 ran {} µs for {CLIENTS} new connections", (after - before) / 1000);
-    let (h1, h2) = (gate.client(), gate.client_h2());
-    let (a, b) = rt.block_on(async {
-        let a = h1.get(gate.url("/hello")).send().await.unwrap();
-        let b = h2.get(gate.url("/hello")).send().await.unwrap();
-        ((a.version(), a.text().await.unwrap()), (b.version(), b.text().await.unwrap()))
-    });
-    assert_eq!(a, (reqwest::Version::HTTP_11, "hello from app".to_string()));
-    assert_eq!(b, (reqwest::Version::HTTP_2, "hello from app".to_string()));
-    slow_request_finishes_through_sigterm(&rt, &mut gate, h1);
+    both_protocols_then_drain(&rt, &mut gate);
     assert_eq!(app.count(), requests + CLIENTS + 3);
 }
 
