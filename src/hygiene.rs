@@ -337,7 +337,6 @@ pub fn clean_request_headers(
         }
         cleaned.prior_forwarded_for = (!chain.is_empty()).then_some(chain);
     }
-    upstream::drop_length_beside_chunked(headers);
     let prefix = rules.identity_prefix.as_bytes();
     // The hop-by-hop names present are noted on the same pass: only they are removed.
     let mut hop = upstream::HopByHop::default();
@@ -352,6 +351,9 @@ pub fn clean_request_headers(
         if doomed {
             named.push(name.clone());
         }
+    }
+    if hop.transfer_encoding() {
+        upstream::drop_length_beside_chunked(headers);
     }
     hop.remove_from(headers);
     for name in named {
@@ -475,6 +477,23 @@ mod tests {
         let rules = HeaderRules { identity_prefix: "x-auth-request-".into(), allow_underscore: true, upgrades: vec![] };
         clean_request_headers(&mut h, Version::HTTP_11, false, &rules);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn content_length_beside_transfer_encoding_is_dropped_from_requests() {
+        let rules =
+            HeaderRules { identity_prefix: "x-auth-request-".into(), allow_underscore: false, upgrades: vec![] };
+        let mut h = HeaderMap::new();
+        h.insert("Transfer-Encoding", HeaderValue::from_static("chunked"));
+        h.insert("Content-Length", HeaderValue::from_static("40"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        clean_request_headers(&mut h, Version::HTTP_11, false, &rules);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        // Without Transfer-Encoding the length frames the body: kept.
+        let mut h = HeaderMap::new();
+        h.insert("Content-Length", HeaderValue::from_static("40"));
+        clean_request_headers(&mut h, Version::HTTP_11, false, &rules);
+        assert_eq!(h["content-length"], "40");
     }
 
     #[test]

@@ -420,6 +420,8 @@ impl Gateway {
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let headers = resp.headers_mut();
+        // `X-Request-Id` and `Strict-Transport-Security`, in one growth of the map at most.
+        headers.reserve(2);
         // Unique per request: HTTP/2 sends it as a never-indexed literal, not through the HPACK
         // table (an entry per answer would only evict the ones worth keeping).
         let mut request_id = request_id;

@@ -41,12 +41,11 @@ pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &st
     headers.get_all(CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
 }
 
-/// A message framed by Transfer-Encoding ignores Content-Length (RFC 9112 §6.3); forwarding both
-/// would let the next hop frame it differently (request smuggling). Hyper re-frames.
+/// For a message framed by Transfer-Encoding (the caller has seen it): it ignores
+/// Content-Length (RFC 9112 §6.3), and forwarding both would let the next hop frame it
+/// differently (request smuggling). Hyper re-frames.
 pub(crate) fn drop_length_beside_chunked(headers: &mut HeaderMap) {
-    if headers.contains_key(TRANSFER_ENCODING) {
-        headers.remove(http::header::CONTENT_LENGTH);
-    }
+    headers.remove(http::header::CONTENT_LENGTH);
 }
 
 /// The app behind the gate: its connection pool and timeouts.
@@ -298,6 +297,16 @@ impl HopByHop {
         self.0.contains(&true)
     }
 
+    /// `Connection` was noted (index 0 of [`HOP_BY_HOP`]).
+    fn connection(&self) -> bool {
+        self.0[0]
+    }
+
+    /// `Transfer-Encoding` was noted (index 7 of [`HOP_BY_HOP`]).
+    pub(crate) fn transfer_encoding(&self) -> bool {
+        self.0[7]
+    }
+
     pub(crate) fn remove_from(&self, headers: &mut HeaderMap) {
         for (name, _) in HOP_BY_HOP.iter().zip(self.0).filter(|(_, present)| *present) {
             headers.remove(name);
@@ -316,8 +325,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !upgrade && !present.any() {
         return;
     }
-    drop_length_beside_chunked(headers);
-    if headers.contains_key(CONNECTION) {
+    // The pass above already knows which are present: no lookups to find out again.
+    if present.transfer_encoding() {
+        drop_length_beside_chunked(headers);
+    }
+    if present.connection() {
         let named: Vec<HeaderName> = connection_tokens(headers)
             // `keep-alive` names a header of the list above, removed below when present.
             .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
@@ -351,6 +363,9 @@ pub struct Forwarded<'a> {
 /// Set `Host`, `X-Forwarded-For/-Proto/-Host` and `X-Request-Id` on a request to the app. Client
 /// copies of these were removed by the header pass ([`crate::hygiene::clean_request_headers`]).
 pub fn set_forwarding_headers(headers: &mut HeaderMap, f: &Forwarded<'_>) {
+    // Room for the four added below at once: the map hyper parsed is sized to what the
+    // client sent, and growing it insert by insert rehashes it more than once.
+    headers.reserve(4);
     headers.insert(HOST, f.host.clone());
     let xff = match f.prior_forwarded_for {
         Some(prior) => {
