@@ -352,9 +352,7 @@ pub fn clean_request_headers(
             named.push(name.clone());
         }
     }
-    if hop.transfer_encoding() {
-        upstream::drop_length_beside_chunked(headers);
-    }
+    hop.drop_length_beside_chunked(headers);
     hop.remove_from(headers);
     for name in named {
         headers.remove(name);

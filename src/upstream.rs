@@ -41,13 +41,6 @@ pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &st
     headers.get_all(CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
 }
 
-/// For a message framed by Transfer-Encoding (the caller has seen it): it ignores
-/// Content-Length (RFC 9112 §6.3), and forwarding both would let the next hop frame it
-/// differently (request smuggling). Hyper re-frames.
-pub(crate) fn drop_length_beside_chunked(headers: &mut HeaderMap) {
-    headers.remove(http::header::CONTENT_LENGTH);
-}
-
 /// The app behind the gate: its connection pool and timeouts.
 pub struct Upstream {
     pool: AppPool,
@@ -272,20 +265,24 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 #[derive(Default)]
 pub(crate) struct HopByHop([bool; HOP_BY_HOP.len()]);
 
+/// Indices of [`HOP_BY_HOP`] the passes ask about by name.
+const CONNECTION_AT: usize = 0;
+const TRANSFER_ENCODING_AT: usize = 7;
+
 impl HopByHop {
     /// Note `name`; true when it is hop-by-hop.
     pub(crate) fn note(&mut self, name: &HeaderName) -> bool {
         // One string match (length first) instead of nine name comparisons; the indices are
         // those of HOP_BY_HOP (pinned by a test).
         let i = match name.as_str() {
-            "connection" => 0,
+            "connection" => CONNECTION_AT,
             "keep-alive" => 1,
             "proxy-connection" => 2,
             "proxy-authorization" => 3,
             "proxy-authenticate" => 4,
             "te" => 5,
             "trailer" => 6,
-            "transfer-encoding" => 7,
+            "transfer-encoding" => TRANSFER_ENCODING_AT,
             "upgrade" => 8,
             _ => return false,
         };
@@ -297,14 +294,18 @@ impl HopByHop {
         self.0.contains(&true)
     }
 
-    /// `Connection` was noted (index 0 of [`HOP_BY_HOP`]).
+    /// `Connection` was noted.
     fn connection(&self) -> bool {
-        self.0[0]
+        self.0[CONNECTION_AT]
     }
 
-    /// `Transfer-Encoding` was noted (index 7 of [`HOP_BY_HOP`]).
-    pub(crate) fn transfer_encoding(&self) -> bool {
-        self.0[7]
+    /// A message framed by Transfer-Encoding ignores Content-Length (RFC 9112 §6.3); forwarding
+    /// both would let the next hop frame it differently (request smuggling). Hyper re-frames.
+    /// Decided by the names noted, without a lookup.
+    pub(crate) fn drop_length_beside_chunked(&self, headers: &mut HeaderMap) {
+        if self.0[TRANSFER_ENCODING_AT] {
+            headers.remove(http::header::CONTENT_LENGTH);
+        }
     }
 
     pub(crate) fn remove_from(&self, headers: &mut HeaderMap) {
@@ -326,9 +327,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         return;
     }
     // The pass above already knows which are present: no lookups to find out again.
-    if present.transfer_encoding() {
-        drop_length_beside_chunked(headers);
-    }
+    present.drop_length_beside_chunked(headers);
     if present.connection() {
         let named: Vec<HeaderName> = connection_tokens(headers)
             // `keep-alive` names a header of the list above, removed below when present.
