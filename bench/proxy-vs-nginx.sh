@@ -60,6 +60,7 @@ bench_init
 bench_gate_bin
 bench_cert
 LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
+CPU_START="$(head -n 1 /proc/stat)"
 
 # ---------------------------------------------------------------- processes
 bench_backend 18080
@@ -317,6 +318,13 @@ done
 RSS_AFTER_gate="$(cat "$TMP/rss-after-gate" 2>/dev/null || echo n/a)"
 RSS_AFTER_nginx="$(cat "$TMP/rss-after-nginx" 2>/dev/null || echo n/a)"
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
+# Steal: the share of the machine's CPU time its hypervisor gave to someone else during the run
+# (the `cpu` line of /proc/stat, 8th value), where other tenants of a shared host show (5-6% in
+# the runs of 2026-12-03, whose rounds of one row moved by up to 1.6x).
+STEAL="$(printf '%s\n%s\n' "$CPU_START" "$(head -n 1 /proc/stat)" | awk '
+    { for (i = 2; i <= 9; i++) v[NR, i] = $i }
+    END { t = 0; for (i = 2; i <= 9; i++) t += v[2, i] - v[1, i]
+          if (t > 0) printf "%.1f%%", 100 * (v[2, 9] - v[1, 9]) / t; else printf "n/a" }')"
 
 # Checks from the gate's own metrics, over the measured runs only (summed over the rounds).
 delta() { local r t=0; for r in $(seq "$ROUNDS"); do
@@ -428,7 +436,7 @@ row 7d "RSS $SETTLE s after the connections closed (MiB; % vs idle before)$([ -n
 echo
 echo "## chatkit-gate vs nginx"
 echo
-echo "Machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average $LOAD_START at start, $LOAD_END at end"
+echo "Machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average $LOAD_START at start, $LOAD_END at end; CPU time stolen by the hypervisor during the run: $STEAL"
 echo "Command: \`$INVOKED\` (duration $DURATION, $ROUNDS rounds, median per row; $CONNS connections, wrk -t$THREADS; $WORKERS nginx worker(s), TOKIO_WORKER_THREADS=$WORKERS; $(( SECONDS - START_S )) s)"
 echo
 echo "Values are each side's median over the $ROUNDS rounds; a ratio (and its verdict) is the median of the rounds' own ratios, each from two runs made close together."
