@@ -60,7 +60,6 @@ bench_init
 bench_gate_bin
 bench_cert
 LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
-CPU_START="$(head -n 1 /proc/stat)"
 
 # ---------------------------------------------------------------- processes
 bench_backend 18080
@@ -150,6 +149,9 @@ case "$code" in 200|000) echo "the auth gate answered $code without a cookie: au
 nginx_pids() { echo "$1" $(ps -o pid= --ppid "$1"); }               # master + workers
 # cpu_ticks PID...: "utime stime" summed over the processes, in clock ticks.
 cpu_ticks() { local p; for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null || true; done | awk '{sub(/^.*\) /, ""); u += $12; s += $13} END {print u + 0, s + 0}'; }
+# host_ticks: "total steal" CPU time of the whole machine (the `cpu` line of /proc/stat), in clock
+# ticks. Steal is time the hypervisor gave to others: a shared host's other tenants (bench/README.md).
+host_ticks() { awk '$1 == "cpu" {for (i = 2; i <= 9; i++) t += $i; print t, $9; exit}' /proc/stat; }
 rss_kb() { local p; for p in "$@"; do cat "/proc/$p/status" 2>/dev/null || true; done | awk '/^VmRSS:/ {s += $2} END {print s + 0}'; }
 metric() { awk -v re="$2" '$0 !~ /^#/ && $1 ~ re {s += $NF} END {print s + 0}' "$1"; }   # FILE NAME_REGEX: sum
 scrape() { curl -s --max-time 5 "http://127.0.0.1:$1/metrics" > "$2" || : > "$2"; }
@@ -244,6 +246,7 @@ mem_probe() {
 one_pid() { echo "$1"; }
 
 # ---------------------------------------------------------------- measurements
+read -r HOST_T0 HOST_STEAL0 <<< "$(host_ticks)"
 echo "Command: $INVOKED"
 echo "gate $("$GATE" --version 2>/dev/null | head -1) ($GATE); $(nginx -v 2>&1 | sed 's/^nginx version: //'); wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'); $(h2load --version | head -1)"
 
@@ -318,13 +321,8 @@ done
 RSS_AFTER_gate="$(cat "$TMP/rss-after-gate" 2>/dev/null || echo n/a)"
 RSS_AFTER_nginx="$(cat "$TMP/rss-after-nginx" 2>/dev/null || echo n/a)"
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
-# Steal: the share of the machine's CPU time its hypervisor gave to someone else during the run
-# (the `cpu` line of /proc/stat, 8th value), where other tenants of a shared host show (5-6% in
-# the runs of 2026-12-03, whose rounds of one row moved by up to 1.6x).
-STEAL="$(printf '%s\n%s\n' "$CPU_START" "$(head -n 1 /proc/stat)" | awk '
-    { for (i = 2; i <= 9; i++) v[NR, i] = $i }
-    END { t = 0; for (i = 2; i <= 9; i++) t += v[2, i] - v[1, i]
-          if (t > 0) printf "%.1f%%", 100 * (v[2, 9] - v[1, 9]) / t; else printf "n/a" }')"
+read -r HOST_T1 HOST_STEAL1 <<< "$(host_ticks)"
+STEAL="$([ "$HOST_T1" -gt "$HOST_T0" ] && echo "$(calc "($HOST_STEAL1 - $HOST_STEAL0) * 100 / ($HOST_T1 - $HOST_T0)" 1)%" || echo n/a)"
 
 # Checks from the gate's own metrics, over the measured runs only (summed over the rounds).
 delta() { local r t=0; for r in $(seq "$ROUNDS"); do
@@ -436,7 +434,7 @@ row 7d "RSS $SETTLE s after the connections closed (MiB; % vs idle before)$([ -n
 echo
 echo "## chatkit-gate vs nginx"
 echo
-echo "Machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average $LOAD_START at start, $LOAD_END at end; CPU time stolen by the hypervisor during the run: $STEAL"
+echo "Machine: nproc $(nproc), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average $LOAD_START at start, $LOAD_END at end; CPU time stolen by the hypervisor during the measurements: $STEAL"
 echo "Command: \`$INVOKED\` (duration $DURATION, $ROUNDS rounds, median per row; $CONNS connections, wrk -t$THREADS; $WORKERS nginx worker(s), TOKIO_WORKER_THREADS=$WORKERS; $(( SECONDS - START_S )) s)"
 echo
 echo "Values are each side's median over the $ROUNDS rounds; a ratio (and its verdict) is the median of the rounds' own ratios, each from two runs made close together."
