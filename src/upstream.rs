@@ -87,7 +87,7 @@ impl Upstream {
         let started = Instant::now();
         // In a block, so that the copy for a replay is only kept inside the exchange's state.
         let exchange = {
-            let replay = replayable(&req).then(|| crate::client::replay_of(&req));
+            let replay = replayable(&req).then(|| crate::pool::Replay::of(&req));
             self.pool.send(req, replay, started, |e| {
                 self.retries.inc();
                 tracing::debug!(error = %e, "pooled connection closed before answering: retrying on a fresh one");
