@@ -112,14 +112,39 @@ pub(crate) fn closed_before_answer(e: &(dyn std::error::Error + 'static)) -> boo
     false
 }
 
-/// A copy of a request that has no body to replay (method, URI, version, headers).
-pub fn replay_of<B: Default>(req: &http::Request<B>) -> http::Request<B> {
-    let mut copy = http::Request::new(B::default());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
+/// A bodiless request's head, kept to send it once more when a pooled connection was closed under
+/// it. The headers are a list: one allocation to copy, and a cheap drop, instead of a copy of the
+/// map with its index. The map is rebuilt only for a replay, which is rare.
+pub struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+impl Replay {
+    pub fn of<B>(req: &http::Request<B>) -> Replay {
+        Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+
+    /// The request again, with an empty body; headers in their order, repeated names kept.
+    pub fn into_request<B: Default>(self) -> http::Request<B> {
+        let mut headers = http::HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in self.headers {
+            headers.append(name, value);
+        }
+        let mut req = http::Request::new(B::default());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = headers;
+        req
+    }
 }
 
 /// Send `req` on the pooled client; when a pooled connection fails before answering and a
@@ -130,12 +155,12 @@ pub async fn send_with_retry<C, B>(
     pooled: &Client<C, B>,
     fresh: &Client<C, B>,
     req: http::Request<B>,
-    replay: Option<http::Request<B>>,
+    replay: Option<Replay>,
     retries: &prometheus::IntCounter,
 ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
-    B: http_body::Body + Send + Unpin + 'static,
+    B: http_body::Body + Default + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -144,10 +169,46 @@ where
             Some(again) => {
                 retries.inc();
                 tracing::debug!(error = %e, "pooled connection closed before answering: retrying on a fresh one");
-                fresh.request(again).await
+                fresh.request(again.into_request()).await
             }
             None => Err(e),
         },
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::body::GateBody;
+    use http::{HeaderValue, Method, Request, Version};
+
+    fn head(req: &Request<GateBody>) -> (Method, String, Version, Vec<(String, Vec<u8>)>) {
+        let headers = req.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect();
+        (req.method().clone(), req.uri().to_string(), req.version(), headers)
+    }
+
+    #[test]
+    fn a_replay_is_the_request_again_with_every_header_in_order() {
+        let mut req = Request::builder()
+            .method(Method::DELETE)
+            .uri("/items/7?force=1")
+            .version(Version::HTTP_11)
+            .header("host", "app.example")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-user-id", "u1")
+            .header("accept", "text/html")
+            .header("accept", "application/json")
+            .header("x-request-id", "r-1")
+            .body(GateBody::empty())
+            .unwrap();
+        req.headers_mut().append("x-user-groups", HeaderValue::from_static("a"));
+        req.headers_mut().append("x-user-groups", HeaderValue::from_static("b"));
+        let again: Request<GateBody> = Replay::of(&req).into_request();
+        assert_eq!(head(&again), head(&req));
+        assert_eq!(again.headers().get_all("accept").iter().count(), 2);
+        assert_eq!(again.headers().get_all("x-user-groups").iter().count(), 2);
+        assert!(http_body::Body::is_end_stream(again.body()));
     }
 }

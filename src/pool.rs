@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::GateBody;
+use crate::client::Replay;
 
 /// Why a request did not get an answer from the app.
 #[derive(Debug, thiserror::Error)]
@@ -43,41 +44,6 @@ impl SendError {
             SendError::Connect { .. } => false,
             SendError::Http(e) => crate::client::closed_before_answer(e),
         }
-    }
-}
-
-/// A bodiless request's head, kept to send it once more (see [`AppPool::send`]). The headers are
-/// a list: one allocation to copy, and a cheap drop, on every such request, instead of a copy
-/// of the map with its index. The map is rebuilt only for a replay, which is rare.
-pub struct Replay {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-impl Replay {
-    pub fn of<B>(req: &Request<B>) -> Replay {
-        Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        }
-    }
-
-    /// The request again, headers in their order, repeated names kept.
-    fn into_request(self) -> Request<GateBody> {
-        let mut headers = HeaderMap::with_capacity(self.headers.len());
-        for (name, value) in self.headers {
-            headers.append(name, value);
-        }
-        let mut req = Request::new(GateBody::empty());
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.version_mut() = self.version;
-        *req.headers_mut() = headers;
-        req
     }
 }
 
@@ -160,12 +126,13 @@ impl AppPool {
 
     /// Send `req` (`now`: the time, for the idle connections' age). On a reused connection that
     /// turns out closed before answering, the request goes out once more on a new connection:
-    /// itself when it was never written, else `replay` (a bodiless copy) when given. `retried`
-    /// is called when that happens.
+    /// itself when it was never written, else a copy of it when it is `replayable` (bodiless and
+    /// idempotent; the copy is made only on a reused connection). `retried` is called when that
+    /// happens.
     pub async fn send(
         &self,
         req: Request<GateBody>,
-        replay: Option<Replay>,
+        replayable: bool,
         now: Instant,
         retried: impl FnOnce(&SendError),
     ) -> Result<(Response<Incoming>, Lent), SendError> {
@@ -176,6 +143,8 @@ impl AppPool {
             Some(tx) => (tx, true),
             None => (Box::pin(self.connect()).await?, false),
         };
+        // Only a reused connection can turn out closed under the request.
+        let replay = (reused && replayable).then(|| Replay::of(&req));
         // Boxed: the retry is rare, and its state would otherwise widen every request's.
         let retry = Box::pin(match tx.try_send_request(req).await {
             Ok(resp) => return Ok((resp, self.lend(tx, worker))),
@@ -309,38 +278,4 @@ async fn connect_any(target: &str) -> std::io::Result<TcpStream> {
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-
-    fn head(req: &Request<GateBody>) -> (Method, String, Version, Vec<(String, Vec<u8>)>) {
-        let headers = req.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect();
-        (req.method().clone(), req.uri().to_string(), req.version(), headers)
-    }
-
-    #[test]
-    fn a_replay_is_the_request_again_with_every_header_in_order() {
-        let mut req = Request::builder()
-            .method(Method::DELETE)
-            .uri("/items/7?force=1")
-            .version(Version::HTTP_11)
-            .header("host", "app.example")
-            .header("x-forwarded-for", "203.0.113.9")
-            .header("x-user-id", "u1")
-            .header("accept", "text/html")
-            .header("accept", "application/json")
-            .header("x-request-id", "r-1")
-            .body(GateBody::empty())
-            .unwrap();
-        req.headers_mut().append("x-user-groups", HeaderValue::from_static("a"));
-        req.headers_mut().append("x-user-groups", HeaderValue::from_static("b"));
-        let again = Replay::of(&req).into_request();
-        assert_eq!(head(&again), head(&req));
-        assert_eq!(again.headers().get_all("accept").iter().count(), 2);
-        assert_eq!(again.headers().get_all("x-user-groups").iter().count(), 2);
-        assert!(http_body::Body::is_end_stream(again.body()));
-    }
 }

@@ -85,14 +85,11 @@ impl Upstream {
     pub async fn send(&self, req: Request<GateBody>) -> Result<(Response<Incoming>, Lent), GateError> {
         let upload = req.body().upload_state();
         let started = Instant::now();
-        // In a block, so that the copy for a replay is only kept inside the exchange's state.
-        let exchange = {
-            let replay = replayable(&req).then(|| crate::pool::Replay::of(&req));
-            self.pool.send(req, replay, started, |e| {
-                self.retries.inc();
-                tracing::debug!(error = %e, "pooled connection closed before answering: retrying on a fresh one");
-            })
-        };
+        let replayable = replayable(&req);
+        let exchange = self.pool.send(req, replayable, started, |e| {
+            self.retries.inc();
+            tracing::debug!(error = %e, "pooled connection closed before answering: retrying on a fresh one");
+        });
         tokio::pin!(exchange);
         let early = match &upload {
             Some(up) if !up.is_sent() => tokio::select! {

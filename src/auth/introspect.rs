@@ -424,7 +424,7 @@ impl Introspector {
     /// once on a fresh connection when a pooled one was closed under it.
     async fn call_once(&self, req: Request<Empty<Bytes>>) -> Result<Answer, Failure> {
         let start = Instant::now();
-        let replay = crate::client::replay_of(&req);
+        let replay = crate::client::Replay::of(&req);
         let result = tokio::time::timeout(self.timeout, async {
             let sent =
                 crate::client::send_with_retry(&self.client, &self.fresh, req, Some(replay), &self.metrics.retries);
