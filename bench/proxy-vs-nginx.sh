@@ -159,7 +159,7 @@ calc() { awk "BEGIN { x = $1; printf \"%.${2:-2}f\", x }" 2>/dev/null || echo n/
 has() { local v; for v in "$@"; do [ -n "$v" ] && [ "$v" != n/a ] || return 1; done; }
 CLK_TCK="$(getconf CLK_TCK)"
 
-declare -A RPS=() P99=() REQS=() CPU=() USR=() SYS=() VALID=() NOTE=() PROTO=()
+declare -A RPS=() P99=() REQS=() CPU=() USR=() SYS=() BUSY=() VALID=() NOTE=() PROTO=()
 to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
     if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000; printf "%.2f", n }'; }
 
@@ -168,7 +168,7 @@ to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
 # and $WRK_HOOK (a function name, if set) is called with 0 before and 1 after it.
 WRK_HOOK=
 wrk_run() {
-    local key="$1" name="$2" url="$3" admin="$4" out="$TMP/wrk-$1.out" u0 s0 u1 s1 n2xx sock p
+    local key="$1" name="$2" url="$3" admin="$4" out="$TMP/wrk-$1.out" u0 s0 u1 s1 n2xx sock p secs
     shift 4
     wrk -t"$THREADS" -c"$CONNS" -d2s -H "$COOKIE" "$url" >/dev/null 2>&1 || true   # warm up
     [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 0
@@ -187,7 +187,7 @@ wrk_run() {
     sock="$(awk '/Socket errors/ {sub(/^ *Socket errors: */, ""); print}' "$out")"
     VALID[$key]=1; NOTE[$key]=""
     if ! has "${REQS[$key]}" || [ "${REQS[$key]}" -eq 0 ]; then
-        VALID[$key]=; NOTE[$key]="wrk failed: $(tail -1 "$out")"; RPS[$key]=n/a; P99[$key]=n/a; CPU[$key]=n/a; USR[$key]=n/a; SYS[$key]=n/a; return
+        VALID[$key]=; NOTE[$key]="wrk failed: $(tail -1 "$out")"; RPS[$key]=n/a; P99[$key]=n/a; CPU[$key]=n/a; USR[$key]=n/a; SYS[$key]=n/a; BUSY[$key]=n/a; return
     fi
     [ -n "$n2xx" ] && [ "$n2xx" != 0 ] && { VALID[$key]=; NOTE[$key]+="$n2xx non-2xx answers; "; }
     [ -n "$sock" ] && NOTE[$key]+="socket errors: $sock; "
@@ -195,6 +195,9 @@ wrk_run() {
     USR[$key]="$(calc "($u1 - $u0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 2)"
     SYS[$key]="$(calc "($s1 - $s0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 2)"
     CPU[$key]="$(calc "($u1 - $u0 + $s1 - $s0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 1)"
+    # Busy: the process's CPU time over wrk's measured time, in % of one core.
+    secs="$(awk '/ requests in / {sub(/s,?$/, "", $4); print $4 + 0; exit}' "$out")"
+    BUSY[$key]="$(has "$secs" && [ "$secs" != 0 ] && calc "($u1 - $u0 + $s1 - $s0) * 100 / $CLK_TCK / $secs" 0 || echo n/a)"
     for p in "$@"; do bench_alive "$p" || { VALID[$key]=; NOTE[$key]+="process $p exited during the run; "; }; done
 }
 
@@ -274,17 +277,17 @@ median() {
 # combine KEY: the row's value from its rounds KEY_1..KEY_N: the median req/s, p99 and CPU per
 # request, valid only if every round was, the notes of every round.
 combine() {
-    local k="$1" r rps=() p99=() cpu=() usr=() sys=() reqs=0 notes=""
+    local k="$1" r rps=() p99=() cpu=() usr=() sys=() busy=() reqs=0 notes=""
     VALID[$k]=1
     for r in $(seq "$ROUNDS"); do
         rps+=("${RPS[${k}_$r]:-n/a}"); p99+=("${P99[${k}_$r]:-n/a}"); cpu+=("${CPU[${k}_$r]:-n/a}")
-        usr+=("${USR[${k}_$r]:-n/a}"); sys+=("${SYS[${k}_$r]:-n/a}")
+        usr+=("${USR[${k}_$r]:-n/a}"); sys+=("${SYS[${k}_$r]:-n/a}"); busy+=("${BUSY[${k}_$r]:-n/a}")
         has "${REQS[${k}_$r]:-}" && reqs=$(( reqs + REQS[${k}_$r] ))
         [ -n "${VALID[${k}_$r]:-}" ] || VALID[$k]=
         [ -n "${NOTE[${k}_$r]:-}" ] && notes+="round $r: ${NOTE[${k}_$r]%; }; "
     done
     RPS[$k]="$(median "${rps[@]}")"; P99[$k]="$(median "${p99[@]}")"; CPU[$k]="$(median "${cpu[@]}")"
-    USR[$k]="$(median "${usr[@]}")"; SYS[$k]="$(median "${sys[@]}")"
+    USR[$k]="$(median "${usr[@]}")"; SYS[$k]="$(median "${sys[@]}")"; BUSY[$k]="$(median "${busy[@]}")"
     REQS[$k]=$reqs; PROTO[$k]="${PROTO[${k}_1]:-}"
     NOTE[$k]="median of $ROUNDS rounds: req/s ${rps[*]}"
     [ "${p99[0]}" != n/a ] && NOTE[$k]+=", p99 ms ${p99[*]}, CPU µs ${cpu[*]} (user ${usr[*]}; kernel ${sys[*]})"
@@ -411,6 +414,11 @@ row 6d "CPU per request, plain, kernel (µs, stime ÷ requests): loopback TCP an
 # times (nginx's CPU per request ÷ the gate's kernel CPU per request).
 has "${CPU[nplain]}" "${SYS[gplain]}" && R[6e]="$(calc "${CPU[nplain]} / ${SYS[gplain]}" 2)"
 row 6e "bound on the plain req/s ratio from kernel time alone (nginx CPU ÷ gate kernel CPU, per request)" "—" "—" "$(x "${R[6e]:-n/a}")" "— (informational)" \
+    "$(info gplain nplain)"
+# Whether that holds in this run: each proxy's CPU time over the run's time. Near 100% on both
+# sides, the proxy's one core is what limits it, and row 1a is about the inverse of row 6a: the
+# gate reaches 1.3× nginx's req/s only with at most 1/1.3 of nginx's CPU per request.
+row 6f "proxy busy during the plain run (% of one core: CPU time ÷ run time)" "${BUSY[nplain]:-n/a}%" "${BUSY[gplain]:-n/a}%" "—" "— (informational)" \
     "$(info gplain nplain)"
 VALID[mem]=1
 grep -q "^held open=$MEM_CONNS of $MEM_CONNS" "$TMP/idle-gate.out" || VALID[mem]=
