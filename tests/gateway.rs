@@ -533,6 +533,51 @@ fn one_worker_serves_both_protocols_and_drains_on_sigterm() {
     assert_eq!(app.count(), 3);
 }
 
+/// Draining asks idle keep-alive connections to finish at once: at SIGTERM (no shutdown delay)
+/// an HTTP/1.1 connection that served a request and sits idle is closed by the gate, and an
+/// HTTP/2 one is sent GOAWAY and ends, long before `shutdown_grace` (10 s) would cut them; the
+/// process then exits 0, before the grace too.
+#[test]
+fn draining_closes_idle_keep_alive_connections_at_once_not_at_the_grace_deadline() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt.block_on(FakeApp::start());
+    let mut gate = spawn_with_workers(&app, 1);
+    let (mut h1, h2_ended) = rt.block_on(async {
+        let mut h1 = certs::tls_connect(gate.https, "localhost", &gate.ca_pem, &["http/1.1"]).await.unwrap();
+        h1.write_all(b"GET /hello HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("hello from app") {
+            let n = tokio::time::timeout(Duration::from_secs(5), h1.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "closed before the answer: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let tls = certs::tls_connect(gate.https, "localhost", &gate.ca_pem, &["h2"]).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        let h2_ended = tokio::spawn(conn);
+        let req = http::Request::get(gate.url("/hello")).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+        let answer = send.send_request(req).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(http_body_util::BodyExt::collect(answer.into_body()).await.unwrap().to_bytes(), "hello from app");
+        (h1, h2_ended)
+    });
+    gate.signal("TERM");
+    rt.block_on(async {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), h1.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the idle HTTP/1.1 connection was not closed within 5 s of SIGTERM");
+        let ended = tokio::time::timeout(Duration::from_secs(5), h2_ended).await;
+        assert!(ended.is_ok(), "the idle HTTP/2 connection did not end within 5 s of SIGTERM");
+    });
+    let exit = gate.wait_exit(Duration::from_secs(5));
+    assert!(exit.success(), "exit {exit:?}; log:\n{}", gate.logs());
+}
+
 /// The binary with `server.workers = workers`, once its start-up line says so.
 fn spawn_with_workers(app: &FakeApp, workers: usize) -> common::gate::GateProcess {
     let gate = GateBuilder::new(&app.url())
