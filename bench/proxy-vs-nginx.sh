@@ -274,8 +274,8 @@ median() {
     printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) m = a[(NR + 1) / 2]; else m = (a[NR / 2] + a[NR / 2 + 1]) / 2;
         if (m == int(m)) printf "%d", m; else printf "%.6g", m }'
 }
-# combine KEY: the row's value from its rounds KEY_1..KEY_N: the median req/s, p99 and CPU per
-# request, valid only if every round was, the notes of every round.
+# combine KEY: the row's value from its rounds KEY_1..KEY_N: the median req/s, p99, CPU per
+# request and busy share, valid only if every round was, the notes of every round.
 combine() {
     local k="$1" r rps=() p99=() cpu=() usr=() sys=() busy=() reqs=0 notes=""
     VALID[$k]=1
@@ -418,7 +418,8 @@ row 6e "bound on the plain req/s ratio from kernel time alone (nginx CPU ÷ gate
 # Whether that holds in this run: each proxy's CPU time over the run's time. Near 100% on both
 # sides, the proxy's one core is what limits it, and row 1a is about the inverse of row 6a: the
 # gate reaches 1.3× nginx's req/s only with at most 1/1.3 of nginx's CPU per request.
-row 6f "proxy busy during the plain run (% of one core: CPU time ÷ run time)" "${BUSY[nplain]:-n/a}%" "${BUSY[gplain]:-n/a}%" "—" "— (informational)" \
+pct_core() { has "${1:-}" && echo "$1%" || echo n/a; }
+row 6f "proxy busy during the plain run (% of one core: CPU time ÷ run time)" "$(pct_core "${BUSY[nplain]:-}")" "$(pct_core "${BUSY[gplain]:-}")" "—" "— (informational)" \
     "$(info gplain nplain)"
 VALID[mem]=1
 grep -q "^held open=$MEM_CONNS of $MEM_CONNS" "$TMP/idle-gate.out" || VALID[mem]=

@@ -627,7 +627,7 @@ async fn drive<C: Serving>(mut conn: std::pin::Pin<&mut C>, peer: SocketAddr, ct
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let drain = ctx.drain.cancelled();
     let mut drain = std::pin::pin!(drain);
-    let side = Arc::new(SideWake::default());
+    let side = SideWake::woken();
     let side_waker = std::task::Waker::from(side.clone());
     let mut closing = false;
     let ended = std::future::poll_fn(|cx| {
@@ -653,15 +653,17 @@ async fn drive<C: Serving>(mut conn: std::pin::Pin<&mut C>, peer: SocketAddr, ct
                 return Poll::Pending;
             }
             let now = ctx.gateway.clock.now_ms();
-            // A request head that takes longer than header_timeout (slowloris): cut off.
-            if activity.head_wait_ms(now).is_some_and(|ms| ms >= head_ms) {
-                tracing::info!(client_ip = %peer.ip(), "request headers too slow: connection closed");
-                return Poll::Ready(None);
-            }
-            if !closing && activity.head_wait_ms(now).is_none() && activity.idle_ms(now).is_some_and(|ms| ms >= idle_ms)
-            {
-                closing = true;
-                conn.as_mut().shutdown();
+            match activity.head_wait_ms(now) {
+                // A request head that takes longer than header_timeout (slowloris): cut off.
+                Some(ms) if ms >= head_ms => {
+                    tracing::info!(client_ip = %peer.ip(), "request headers too slow: connection closed");
+                    return Poll::Ready(None);
+                }
+                None if !closing && activity.idle_ms(now).is_some_and(|ms| ms >= idle_ms) => {
+                    closing = true;
+                    conn.as_mut().shutdown();
+                }
+                _ => {}
             }
             // Polled again on the next turn, the timer registers its next tick.
             side.woken.store(true, Ordering::Relaxed);
@@ -675,15 +677,19 @@ async fn drive<C: Serving>(mut conn: std::pin::Pin<&mut C>, peer: SocketAddr, ct
 }
 
 /// The waker [`drive`] polls the drain and the check timer with: it notes that one of them woke
-/// the task, then wakes the task. Starts woken, so both are polled (and registered) at once.
+/// the task, then wakes the task.
 struct SideWake {
     woken: std::sync::atomic::AtomicBool,
     task: futures_util::task::AtomicWaker,
 }
 
-impl Default for SideWake {
-    fn default() -> Self {
-        SideWake { woken: std::sync::atomic::AtomicBool::new(true), task: futures_util::task::AtomicWaker::new() }
+impl SideWake {
+    /// Made woken, so that both are polled (and registered) at the first poll.
+    fn woken() -> Arc<SideWake> {
+        Arc::new(SideWake {
+            woken: std::sync::atomic::AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        })
     }
 }
 
