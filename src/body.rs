@@ -26,7 +26,7 @@ pin_project! {
         Full { data: Option<Bytes> },
         Incoming { #[pin] body: Incoming },
         // An answer of the app: its connection goes back to the pool when the body has ended.
-        App { #[pin] body: Incoming, lent: Option<Lent> },
+        App { #[pin] body: AppBody },
         Upload { upload: Upload },
     }
 }
@@ -105,6 +105,69 @@ impl BodyGuard for Both {
 }
 
 pin_project! {
+    /// An answer's body from the app: through hyper's client connection, given back to the pool
+    /// at the body's end, or read by [`crate::h1`], which gives its connection back itself.
+    #[project = AppProj]
+    pub enum AppBody {
+        Hyper { #[pin] body: Incoming, lent: Option<Lent> },
+        Lean { body: crate::h1::Body },
+    }
+}
+
+impl AppBody {
+    pub fn hyper(body: Incoming, lent: Lent) -> Self {
+        AppBody::Hyper { body, lent: Some(lent) }
+    }
+
+    /// Dropped at its end without a last poll: the connection still goes back.
+    fn give_back_if_ended(self: Pin<&mut Self>) {
+        if let AppProj::Hyper { body, lent } = self.project()
+            && body.is_end_stream()
+            && let Some(lent) = lent.take()
+        {
+            lent.give_back();
+        }
+    }
+}
+
+impl Body for AppBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            AppProj::Hyper { mut body, lent } => {
+                let polled = body.as_mut().poll_frame(cx);
+                let ended = match &polled {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                    _ => false,
+                };
+                if ended && let Some(lent) = lent.take() {
+                    lent.give_back();
+                }
+                polled.map_err(Into::into)
+            }
+            AppProj::Lean { body } => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AppBody::Hyper { body, .. } => body.is_end_stream(),
+            AppBody::Lean { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            AppBody::Hyper { body, .. } => body.size_hint(),
+            AppBody::Lean { body } => body.size_hint(),
+        }
+    }
+}
+
+pin_project! {
     /// A body that is empty, one chunk we produced, or streamed from a peer. An optional guard
     /// is told when the body ends, fails or is dropped unfinished.
     pub struct GateBody {
@@ -118,11 +181,8 @@ pin_project! {
     impl PinnedDrop for GateBody {
         fn drop(this: Pin<&mut Self>) {
             let mut this = this.project();
-            if let KindProj::App { body, lent } = this.kind.as_mut().project()
-                && body.is_end_stream()
-                && let Some(lent) = lent.take()
-            {
-                lent.give_back();
+            if let KindProj::App { body } = this.kind.as_mut().project() {
+                body.give_back_if_ended();
             }
             if let Some(mut guard) = this.guard.take() {
                 let end = if kind_ended(this.kind.as_ref().get_ref()) { BodyEnd::Complete } else { BodyEnd::ClientAborted };
@@ -151,7 +211,8 @@ fn kind_ended(kind: &Kind) -> bool {
     match kind {
         Kind::Empty => true,
         Kind::Full { data } => data.is_none(),
-        Kind::Incoming { body } | Kind::App { body, .. } => body.is_end_stream(),
+        Kind::Incoming { body } => body.is_end_stream(),
+        Kind::App { body } => body.is_end_stream(),
         Kind::Upload { upload } => {
             let end = upload.body.is_end_stream();
             if end {
@@ -180,9 +241,9 @@ impl GateBody {
         GateBody { kind: Kind::Incoming { body }, guard: None, ending: None }
     }
 
-    /// An answer of the app; `lent` is given back to the pool once the body has ended.
-    pub fn from_app(body: Incoming, lent: Lent) -> Self {
-        GateBody { kind: Kind::App { body, lent: Some(lent) }, guard: None, ending: None }
+    /// An answer of the app (its connection goes back to the pool once the body has ended).
+    pub fn from_app(body: AppBody) -> Self {
+        GateBody { kind: Kind::App { body }, guard: None, ending: None }
     }
 
     /// A client's request body on its way to the app, watched: no progress for `timeout` ends
@@ -244,18 +305,7 @@ impl Body for GateBody {
             KindProj::Empty => Poll::Ready(None),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Incoming { body } => body.poll_frame(cx).map_err(Into::into),
-            KindProj::App { mut body, lent } => {
-                let polled = body.as_mut().poll_frame(cx);
-                let ended = match &polled {
-                    Poll::Ready(None) => true,
-                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
-                    _ => false,
-                };
-                if ended && let Some(lent) = lent.take() {
-                    lent.give_back();
-                }
-                polled.map_err(Into::into)
-            }
+            KindProj::App { body } => body.poll_frame(cx),
             KindProj::Upload { upload } => upload.poll_frame(cx),
         };
         if let Some(guard) = this.guard.as_mut() {
@@ -293,7 +343,8 @@ impl Body for GateBody {
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Kind::Incoming { body } | Kind::App { body, .. } => body.size_hint(),
+            Kind::Incoming { body } => body.size_hint(),
+            Kind::App { body } => body.size_hint(),
             Kind::Upload { upload } => upload.body.size_hint(),
         }
     }

@@ -14,6 +14,7 @@ pub mod client_io;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod h1;
 pub mod https;
 pub mod hygiene;
 pub mod logwriter;

@@ -1,4 +1,6 @@
-//! Keep-alive HTTP/1.1 connections to the app, driven through hyper's connection API.
+//! Keep-alive HTTP/1.1 connections to the app: bodiless idempotent requests without an upgrade
+//! (most of them) go through [`crate::h1`]'s lean exchange, the others through hyper's
+//! connection API; each kind has its own idle connections.
 //!
 //! A request takes the most recently used idle connection of its worker (see
 //! [`crate::server::Workers`]) that is ready, or opens one: a connection is driven by the worker
@@ -12,14 +14,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
+use http::header::UPGRADE;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::body::GateBody;
+use crate::body::{AppBody, GateBody};
 use crate::client::Replay;
+use crate::h1;
 
 /// Why a request did not get an answer from the app.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,9 @@ pub enum SendError {
     /// The exchange failed on an open connection.
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    /// The lean exchange failed on an open connection.
+    #[error(transparent)]
+    Lean(#[from] h1::Error),
 }
 
 impl SendError {
@@ -43,6 +49,7 @@ impl SendError {
         match self {
             SendError::Connect { .. } => false,
             SendError::Http(e) => crate::client::closed_before_answer(e),
+            SendError::Lean(e) => e.unanswered(),
         }
     }
 }
@@ -70,6 +77,8 @@ struct Inner {
     opts: PoolOptions,
     /// By worker, most recently returned last.
     idle: Box<[Mutex<Vec<Idle>>]>,
+    /// The lean exchange's, by worker, most recently returned last.
+    lean: Box<[Mutex<Vec<LeanIdle>>]>,
     /// Idle connections kept per worker.
     max_idle: usize,
     idle_ms: AtomicU64,
@@ -79,6 +88,28 @@ struct Inner {
 struct Idle {
     tx: http1::SendRequest<GateBody>,
     since: Instant,
+}
+
+struct LeanIdle {
+    conn: Box<h1::Conn>,
+    since: Instant,
+}
+
+/// Where a lean connection goes back once its answer has been read (see [`h1::exchange`]).
+pub struct Home {
+    pool: Weak<Inner>,
+    worker: usize,
+}
+
+impl Home {
+    pub fn put(self, conn: Box<h1::Conn>) {
+        if let Some(pool) = self.pool.upgrade() {
+            let mut idle = pool.lean[self.worker].lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < pool.max_idle {
+                idle.push(LeanIdle { conn, since: Instant::now() });
+            }
+        }
+    }
 }
 
 /// A connection lent to one exchange; given back with [`Lent::give_back`] once its answer's
@@ -106,6 +137,7 @@ impl AppPool {
         AppPool {
             inner: Arc::new(Inner {
                 idle: (0..workers).map(|_| Mutex::new(Vec::with_capacity(max_idle.min(64)))).collect(),
+                lean: (0..workers).map(|_| Mutex::new(Vec::with_capacity(max_idle.min(64)))).collect(),
                 max_idle,
                 idle_ms: AtomicU64::new(idle_ms),
                 reaper: AtomicBool::new(false),
@@ -128,26 +160,79 @@ impl AppPool {
     /// turns out closed before answering, the request goes out once more on a new connection:
     /// itself when it was never written, else a copy of it when it is `replayable` (bodiless and
     /// idempotent; the copy is made only on a reused connection). `retried` is called when that
-    /// happens.
+    /// happens. A `replayable` request without an upgrade takes the lean exchange.
     pub async fn send(
         &self,
         req: Request<GateBody>,
         replayable: bool,
         now: Instant,
         retried: impl FnOnce(&SendError),
-    ) -> Result<(Response<Incoming>, Lent), SendError> {
+    ) -> Result<Response<AppBody>, SendError> {
+        if replayable && !req.headers().contains_key(UPGRADE) {
+            return self.send_lean(req, now, retried).await;
+        }
+        self.send_hyper(req, replayable, now, retried).await
+    }
+
+    /// [`AppPool::send`] through [`h1::exchange`]: the request has no body, so it is sent again
+    /// as it is (its head encoded anew) when a reused connection closed before answering.
+    async fn send_lean(
+        &self,
+        req: Request<GateBody>,
+        now: Instant,
+        retried: impl FnOnce(&SendError),
+    ) -> Result<Response<AppBody>, SendError> {
+        let worker = self.inner.slot();
+        let (parts, _) = req.into_parts();
+        let (conn, reused) = match self.inner.take_lean(worker, now) {
+            Some(conn) => (conn, true),
+            None => (h1::Conn::new(Box::pin(self.open()).await?), false),
+        };
+        let error = match h1::exchange(conn, &parts, self.home(worker)).await {
+            Ok(resp) => return Ok(resp.map(|body| AppBody::Lean { body })),
+            Err(e) => SendError::Lean(e),
+        };
+        if !(reused && error.is_stale()) {
+            return Err(error);
+        }
+        retried(&error);
+        // Boxed: the retry is rare, and its state would otherwise widen every request's.
+        Box::pin(async {
+            let conn = h1::Conn::new(self.open().await?);
+            let resp = h1::exchange(conn, &parts, self.home(worker)).await?;
+            Ok(resp.map(|body| AppBody::Lean { body }))
+        })
+        .await
+    }
+
+    fn home(&self, worker: usize) -> Home {
+        Home { pool: Arc::downgrade(&self.inner), worker }
+    }
+
+    async fn send_hyper(
+        &self,
+        req: Request<GateBody>,
+        replayable: bool,
+        now: Instant,
+        retried: impl FnOnce(&SendError),
+    ) -> Result<Response<AppBody>, SendError> {
         // Connecting is boxed: its future is large and rarely needed, and every request's
         // state would otherwise carry room for it.
         let worker = self.inner.slot();
+        // No idle connection of its own: an idle lean one is taken over before a new one is
+        // opened (the way back is not possible: hyper keeps its connection's socket).
         let (mut tx, reused) = match self.inner.take(worker, now) {
             Some(tx) => (tx, true),
-            None => (Box::pin(self.connect()).await?, false),
+            None => match self.inner.take_lean(worker, now) {
+                Some(conn) => (Box::pin(self.drive((*conn).into_io())).await?, true),
+                None => (Box::pin(self.connect()).await?, false),
+            },
         };
         // Only a reused connection can turn out closed under the request.
         let replay = (reused && replayable).then(|| Replay::of(&req));
         // Boxed: the retry is rare, and its state would otherwise widen every request's.
         let retry = Box::pin(match tx.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, self.lend(tx, worker))),
+            Ok(resp) => return Ok(self.answer(resp, tx, worker)),
             Err(e) => {
                 drop(tx);
                 self.retry(e, reused, replay, retried, worker)
@@ -165,7 +250,7 @@ impl AppPool {
         replay: Option<Replay>,
         retried: impl FnOnce(&SendError),
         worker: usize,
-    ) -> Result<(Response<Incoming>, Lent), SendError> {
+    ) -> Result<Response<AppBody>, SendError> {
         let unsent = e.take_message();
         let error = SendError::Http(e.into_error());
         let again = match (reused && error.is_stale(), unsent, replay) {
@@ -176,14 +261,21 @@ impl AppPool {
         retried(&error);
         let mut tx = self.connect().await?;
         let resp = tx.send_request(again).await?;
-        Ok((resp, self.lend(tx, worker)))
+        Ok(self.answer(resp, tx, worker))
     }
 
-    fn lend(&self, tx: http1::SendRequest<GateBody>, worker: usize) -> Lent {
-        Lent { pool: Arc::downgrade(&self.inner), tx, worker }
+    fn answer(
+        &self,
+        resp: Response<hyper::body::Incoming>,
+        tx: http1::SendRequest<GateBody>,
+        worker: usize,
+    ) -> Response<AppBody> {
+        let lent = Lent { pool: Arc::downgrade(&self.inner), tx, worker };
+        resp.map(|body| AppBody::hyper(body, lent))
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<GateBody>, SendError> {
+    /// A new TCP connection to the app (`connect_timeout`, no Nagle, TCP keep-alive probes).
+    async fn open(&self) -> Result<TcpStream, SendError> {
         let opts = &self.inner.opts;
         let failed = |reason: String| SendError::Connect { target: opts.target.clone(), reason };
         let stream = tokio::time::timeout(opts.connect_timeout, connect_any(&opts.target))
@@ -193,13 +285,22 @@ impl AppPool {
         let _ = stream.set_nodelay(true);
         let _ = socket2::SockRef::from(&stream)
             .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)));
+        Inner::start_reaper(&self.inner);
+        Ok(stream)
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<GateBody>, SendError> {
+        self.drive(self.open().await?).await
+    }
+
+    /// Hyper's client connection on `stream`, driven by a task of its own.
+    async fn drive(&self, stream: TcpStream) -> Result<http1::SendRequest<GateBody>, SendError> {
         let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "app connection ended with an error");
             }
         });
-        Inner::start_reaper(&self.inner);
         Ok(tx)
     }
 }
@@ -225,6 +326,19 @@ impl Inner {
                 return Some(idle.swap_remove(i).tx);
             }
             // Else still finishing its last exchange: left for a later request.
+        }
+        None
+    }
+
+    /// The most recently used clean lean connection of `worker`; expired ones and ones that
+    /// the app closed (or wrote to) while idle are dropped on the way.
+    fn take_lean(&self, worker: usize, now: Instant) -> Option<Box<h1::Conn>> {
+        let max_age = Duration::from_millis(self.idle_ms.load(Ordering::Relaxed));
+        let mut idle = self.lean[worker].lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(mut c) = idle.pop() {
+            if now.saturating_duration_since(c.since) < max_age && c.conn.is_clean() {
+                return Some(c.conn);
+            }
         }
         None
     }
@@ -259,6 +373,10 @@ impl Inner {
                 for idle in &pool.idle {
                     let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
                     idle.retain(|c| !c.tx.is_closed() && now.saturating_duration_since(c.since) < max_age);
+                }
+                for idle in &pool.lean {
+                    let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+                    idle.retain_mut(|c| now.saturating_duration_since(c.since) < max_age && c.conn.is_clean());
                 }
             }
         });

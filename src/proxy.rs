@@ -555,7 +555,7 @@ impl Gateway {
         upstream::set_forwarding_headers(&mut parts.headers, f);
         parts.uri = upstream::origin_form(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
-        let (mut resp, lent) = self.upstream.send(Request::from_parts(parts, body)).await?;
+        let mut resp = self.upstream.send(Request::from_parts(parts, body)).await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (Some(asked), Some(client)) = (asked, client_upgrade) else {
                 tracing::warn!("app answered 101 to a request that did not ask to upgrade");
@@ -586,7 +586,7 @@ impl Gateway {
         }
         let (mut parts, body) = resp.into_parts();
         upstream::remove_hop_by_hop(&mut parts.headers, false);
-        Ok(Response::from_parts(parts, GateBody::from_app(body, lent)))
+        Ok(Response::from_parts(parts, GateBody::from_app(body)))
     }
 }
 

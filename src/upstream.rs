@@ -7,14 +7,13 @@ use std::time::{Duration, Instant};
 use http::header::{CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
 use ipnet::IpNet;
 
-use crate::body::{GateBody, UploadFailure};
+use crate::body::{AppBody, GateBody, UploadFailure};
 use crate::config::UpstreamSettings;
 use crate::error::GateError;
 use crate::metrics::Metrics;
-use crate::pool::{AppPool, Lent, PoolOptions, SendError};
+use crate::pool::{AppPool, PoolOptions, SendError};
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -82,7 +81,7 @@ impl Upstream {
     /// bodiless idempotent request whose pooled connection was closed under it is sent once more
     /// on a fresh connection. A failed client body is the client's error (408 or 400), not the
     /// app's.
-    pub async fn send(&self, req: Request<GateBody>) -> Result<(Response<Incoming>, Lent), GateError> {
+    pub async fn send(&self, req: Request<GateBody>) -> Result<Response<AppBody>, GateError> {
         let upload = req.body().upload_state();
         let started = Instant::now();
         let replayable = replayable(&req);
@@ -105,7 +104,7 @@ impl Upstream {
         self.upstream_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(answer)) => {
-                if let Some(secs) = keep_alive_timeout(answer.0.headers()) {
+                if let Some(secs) = keep_alive_timeout(answer.headers()) {
                     self.learn_keep_alive(secs);
                 }
                 Ok(answer)

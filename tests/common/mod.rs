@@ -11,6 +11,7 @@ pub mod introspection;
 pub mod logs;
 pub mod permissive_app;
 pub mod redis;
+pub mod scripted;
 pub mod sliding_session;
 pub mod upstream;
 
