@@ -546,7 +546,8 @@ fn chunk_size(line: &[u8]) -> Result<(u64, usize), Error> {
         n.checked_mul(16)?.checked_add(u64::from(v))
     });
     let size = size.ok_or(Error::Invalid("chunk size too large"))?;
-    let rest = line[digits..].trim_ascii_start();
+    let blanks = line[digits..].iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+    let rest = &line[digits + blanks..];
     if !rest.is_empty() && rest[0] != b';' {
         return Err(Error::Invalid("chunk size"));
     }
@@ -604,6 +605,8 @@ mod tests {
             b"5 junk\r\nhello\r\n0\r\n\r\n", // junk after the size
             b"10000000000000000\r\n",        // 2^64: overflows
             b"0\r\nx-trailer: 1\n\r\n",      // bare LF in trailers
+            b"5\r;a\r\nhello\r\n0\r\n\r\n",  // bare CR before an extension
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",  // form feed after the size
         ] {
             assert!(
                 matches!(decode_all(bad, 1000), Err(Error::Invalid(_))),
