@@ -217,7 +217,7 @@ fn kind_ended(kind: &Kind) -> bool {
             let end = upload.body.is_end_stream();
             if end {
                 // Hyper may not poll again after the last frame: the upload is complete now.
-                upload.state.finish();
+                upload.finish();
             }
             end
         }
@@ -249,10 +249,9 @@ impl GateBody {
     /// A client's request body on its way to the app, watched: no progress for `timeout` ends
     /// it with an error, and [`UploadState`] tells the sender when it is sent or why it failed.
     pub fn upload(body: Incoming, timeout: Duration) -> Self {
-        let state = Arc::new(UploadState::default());
-        if body.is_end_stream() {
-            state.finish();
-        }
+        // A body that ended before it began (most requests) has nothing to watch: no state to
+        // allocate, and the sender waits for nothing.
+        let state = (!body.is_end_stream()).then(|| Arc::new(UploadState::default()));
         GateBody {
             kind: Kind::Upload { upload: Upload { body, state, timeout, idle: None, waiting: false } },
             guard: None,
@@ -260,10 +259,10 @@ impl GateBody {
         }
     }
 
-    /// The upload's state, for a body made by [`GateBody::upload`].
+    /// The upload's state, for a body made by [`GateBody::upload`] that was not empty already.
     pub fn upload_state(&self) -> Option<Arc<UploadState>> {
         match &self.kind {
-            Kind::Upload { upload } => Some(upload.state.clone()),
+            Kind::Upload { upload } => upload.state.clone(),
             _ => None,
         }
     }
@@ -411,7 +410,8 @@ impl UploadState {
 /// A watched client body (see [`GateBody::upload`]).
 struct Upload {
     body: Incoming,
-    state: Arc<UploadState>,
+    /// `None` when the body had ended already when the upload began.
+    state: Option<Arc<UploadState>>,
     timeout: Duration,
     /// Runs while waiting on the client (not while the app is slow to read); made once, reset.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -419,6 +419,18 @@ struct Upload {
 }
 
 impl Upload {
+    fn finish(&self) {
+        if let Some(state) = &self.state {
+            state.finish();
+        }
+    }
+
+    fn fail(&self, failure: UploadFailure) {
+        if let Some(state) = &self.state {
+            state.fail(failure);
+        }
+    }
+
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -426,11 +438,11 @@ impl Upload {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                self.state.fail(UploadFailure::Malformed);
+                self.fail(UploadFailure::Malformed);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
-                self.state.finish();
+                self.finish();
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -441,7 +453,7 @@ impl Upload {
                     idle.as_mut().reset(deadline);
                 }
                 if idle.as_mut().poll(cx).is_ready() {
-                    self.state.fail(UploadFailure::Timeout);
+                    self.fail(UploadFailure::Timeout);
                     return Poll::Ready(Some(Err(Box::new(UploadFailure::Timeout))));
                 }
                 Poll::Pending

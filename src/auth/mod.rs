@@ -313,6 +313,9 @@ impl Authenticator {
         match decision {
             Decision::SignedIn(signed) => {
                 inner.count(Verdict::Allow, source);
+                // One growth of the map at most for the identity and the forwarding headers
+                // added next (set_forwarding_headers' own reserve is then a no-op).
+                parts.headers.reserve(signed.headers.len() + crate::upstream::FORWARDING_HEADERS_ADDED);
                 for (name, value) in &signed.headers {
                     parts.headers.insert(name.clone(), value.clone());
                 }
