@@ -355,11 +355,11 @@ pub struct Forwarded<'a> {
     pub prior_forwarded_for: Option<&'a str>,
 }
 
-/// Set `Host`, `X-Forwarded-For/-Proto/-Host` and `X-Request-Id` on a request to the app. Client
-/// copies of these were removed by the header pass ([`crate::hygiene::clean_request_headers`]).
 /// Header fields [`set_forwarding_headers`] adds to a request (`Host` replaces the client's).
 pub const FORWARDING_HEADERS_ADDED: usize = 4;
 
+/// Set `Host`, `X-Forwarded-For/-Proto/-Host` and `X-Request-Id` on a request to the app. Client
+/// copies of these were removed by the header pass ([`crate::hygiene::clean_request_headers`]).
 pub fn set_forwarding_headers(headers: &mut HeaderMap, f: &Forwarded<'_>) {
     // Room for the four added below at once: the map hyper parsed is sized to what the
     // client sent, and growing it insert by insert rehashes it more than once.
