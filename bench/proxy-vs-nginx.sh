@@ -170,6 +170,7 @@ WRK_HOOK=
 wrk_run() {
     local key="$1" name="$2" url="$3" admin="$4" out="$TMP/wrk-$1.out" u0 s0 u1 s1 n2xx sock p secs
     shift 4
+    sync   # an access-log run's dirty pages are written back now, not during the next measured run
     wrk -t"$THREADS" -c"$CONNS" -d2s -H "$COOKIE" "$url" >/dev/null 2>&1 || true   # warm up
     [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 0
     [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-0"
@@ -204,6 +205,7 @@ wrk_run() {
 # h2_run KEY NAME URL: h2load over TLS (ALPN h2), 2 s warm-up, then the measured run.
 h2_run() {
     local key="$1" name="$2" url="$3" out="$TMP/h2-$1.out" failed codes
+    sync
     h2load -c"$H2_CLIENTS" -m"$H2_STREAMS" -D 2 -H "$COOKIE" "$url" >/dev/null 2>&1 || true   # warm up
     h2load -c"$H2_CLIENTS" -m"$H2_STREAMS" -D "$DUR_S" -H "$COOKIE" "$url" >"$out" 2>&1 || true
     echo "== $name ($url, h2load -c$H2_CLIENTS -m$H2_STREAMS -D $DUR_S)"

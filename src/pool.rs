@@ -95,6 +95,12 @@ struct LeanIdle {
     since: Instant,
 }
 
+/// The request's head, taken out of `parts` for a call that needs it owned; an empty head (no
+/// allocation) is left behind.
+pub(crate) fn take_parts(parts: &mut http::request::Parts) -> http::request::Parts {
+    std::mem::replace(parts, Request::new(()).into_parts().0)
+}
+
 /// Where a lean connection goes back once its answer has been read (see [`h1::exchange`]).
 pub struct Home {
     pool: Weak<Inner>,
@@ -163,32 +169,36 @@ impl AppPool {
     /// happens. A `replayable` request without an upgrade takes the lean exchange.
     pub async fn send(
         &self,
-        req: Request<GateBody>,
+        parts: &mut http::request::Parts,
+        body: GateBody,
         replayable: bool,
         now: Instant,
         retried: impl FnOnce(&SendError),
     ) -> Result<Response<AppBody>, SendError> {
-        if replayable && !req.headers().contains_key(UPGRADE) {
-            return self.send_lean(req, now, retried).await;
+        if replayable && !parts.headers.contains_key(UPGRADE) {
+            // The body has ended (replayable): nothing of it to send.
+            drop(body);
+            return self.send_lean(parts, now, retried).await;
         }
-        self.send_hyper(req, replayable, now, retried).await
+        // Boxed: the hyper path (bodies, upgrades) has the larger state, which every bodiless
+        // request's would otherwise carry room for.
+        Box::pin(self.send_hyper(take_parts(parts), body, replayable, now, retried)).await
     }
 
     /// [`AppPool::send`] through [`h1::exchange`]: the request has no body, so it is sent again
     /// as it is (its head encoded anew) when a reused connection closed before answering.
     async fn send_lean(
         &self,
-        req: Request<GateBody>,
+        parts: &http::request::Parts,
         now: Instant,
         retried: impl FnOnce(&SendError),
     ) -> Result<Response<AppBody>, SendError> {
         let worker = self.inner.slot();
-        let (parts, _) = req.into_parts();
         let (conn, reused) = match self.inner.take_lean(worker, now) {
             Some(conn) => (conn, true),
             None => (h1::Conn::new(Box::pin(self.open()).await?), false),
         };
-        let error = match h1::exchange(conn, &parts, self.home(worker)).await {
+        let error = match h1::exchange(conn, parts, self.home(worker)).await {
             Ok(resp) => return Ok(resp.map(|body| AppBody::Lean { body })),
             Err(e) => SendError::Lean(e),
         };
@@ -199,7 +209,7 @@ impl AppPool {
         // Boxed: the retry is rare, and its state would otherwise widen every request's.
         Box::pin(async {
             let conn = h1::Conn::new(self.open().await?);
-            let resp = h1::exchange(conn, &parts, self.home(worker)).await?;
+            let resp = h1::exchange(conn, parts, self.home(worker)).await?;
             Ok(resp.map(|body| AppBody::Lean { body }))
         })
         .await
@@ -211,11 +221,13 @@ impl AppPool {
 
     async fn send_hyper(
         &self,
-        req: Request<GateBody>,
+        parts: http::request::Parts,
+        body: GateBody,
         replayable: bool,
         now: Instant,
         retried: impl FnOnce(&SendError),
     ) -> Result<Response<AppBody>, SendError> {
+        let req = Request::from_parts(parts, body);
         // Connecting is boxed: its future is large and rarely needed, and every request's
         // state would otherwise carry room for it.
         let worker = self.inner.slot();

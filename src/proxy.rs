@@ -26,6 +26,7 @@ use crate::error::GateError;
 use crate::https;
 use crate::hygiene::{self, Cleaned, HeaderRules};
 use crate::metrics::Metrics;
+use crate::pool::take_parts;
 use crate::ratelimit::RateLimiter;
 use crate::routes::{RouteKind, RouteTable};
 use crate::tunnel;
@@ -399,12 +400,9 @@ impl Gateway {
                     observer.route = Some(route.index);
                     let ctx = RequestContext { request_id: request_id.clone(), client_ip, route, https };
                     let conn = observer.conn.clone();
-                    // Split in a block, so the parts are not kept twice across the await.
-                    let (resp, error) = {
-                        let (parts, body) = req.into_parts();
-                        self.handle(parts, body, &ctx, peer, admitted, &conn)
-                    }
-                    .await;
+                    // The head stays here: the phases borrow it rather than move it down the chain.
+                    let (mut parts, body) = req.into_parts();
+                    let (resp, error) = self.handle(&mut parts, body, &ctx, peer, admitted, &conn).await;
                     observer.error = error;
                     resp
                 }
@@ -443,7 +441,7 @@ impl Gateway {
     /// The phases, in order. Returns the answer and the error it came from, if any (for the log).
     async fn handle(
         &self,
-        mut parts: http::request::Parts,
+        parts: &mut http::request::Parts,
         body: Incoming,
         ctx: &RequestContext,
         peer: SocketAddr,
@@ -451,7 +449,7 @@ impl Gateway {
         conn: &Arc<ConnActivity>,
     ) -> (Response<GateBody>, Option<GateError>) {
         let auth = match &self.auth {
-            Some(a) => match a.authorize(&ctx.route, &mut parts, ctx).await {
+            Some(a) => match a.authorize(&ctx.route, parts, ctx).await {
                 Ok(r) => r,
                 Err(e) => return early(e, body),
             },
@@ -480,25 +478,27 @@ impl Gateway {
         };
         // What goes to the app, if anything; one call to `forward` for every route kind, so a
         // request's state has room for one exchange.
-        let (parts, body, upgrade, guard) = match ctx.route.kind {
+        let (body, upgrade, guard) = match ctx.route.kind {
             RouteKind::ChatKit(endpoint) => {
                 let result = match (&self.chatkit, auth.identity.clone()) {
                     // Boxed: a rare path with a large future, kept out of every proxied request's state.
-                    (Some(ck), Some(identity)) => Box::pin(ck.handle(endpoint, parts, body, identity, ctx)).await,
+                    (Some(ck), Some(identity)) => {
+                        Box::pin(ck.handle(endpoint, take_parts(parts), body, identity, ctx)).await
+                    }
                     _ => Err(GateError::Unauthorized),
                 };
                 return finish(result, auth.set_cookies, limits);
             }
-            RouteKind::Proxy => {
-                (parts, GateBody::upload(body, self.server.body_timeout), admitted.cleaned.upgrade, None)
-            }
+            RouteKind::Proxy => (GateBody::upload(body, self.server.body_timeout), admitted.cleaned.upgrade, None),
             RouteKind::ChatKitServer => {
                 let identity = auth.identity.as_deref();
-                match Box::pin(self.chatkit_servers.admit(parts, body, identity, ctx, self.limiter.as_deref())).await {
+                let admit = self.chatkit_servers.admit(take_parts(parts), body, identity, ctx, self.limiter.as_deref());
+                match Box::pin(admit).await {
                     Ok(a) => {
                         limits = a.limits;
+                        *parts = a.parts;
                         // ChatKit requests are POSTs: never an upgrade.
-                        (a.parts, a.body, None, a.guard)
+                        (a.body, None, a.guard)
                     }
                     Err((resp, e)) => {
                         let result = match e {
@@ -545,7 +545,7 @@ impl Gateway {
     /// protocol the client asked for.
     async fn forward(
         &self,
-        mut parts: http::request::Parts,
+        parts: &mut http::request::Parts,
         body: GateBody,
         f: &Forwarded<'_>,
         asked: Option<HeaderValue>,
@@ -555,7 +555,7 @@ impl Gateway {
         upstream::set_forwarding_headers(&mut parts.headers, f);
         parts.uri = upstream::origin_form(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
-        let mut resp = self.upstream.send(Request::from_parts(parts, body)).await?;
+        let mut resp = self.upstream.send(parts, body).await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (Some(asked), Some(client)) = (asked, client_upgrade) else {
                 tracing::warn!("app answered 101 to a request that did not ask to upgrade");

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, Uri};
 use ipnet::IpNet;
 
 use crate::body::{AppBody, GateBody, UploadFailure};
@@ -81,25 +81,28 @@ impl Upstream {
     /// bodiless idempotent request whose pooled connection was closed under it is sent once more
     /// on a fresh connection. A failed client body is the client's error (408 or 400), not the
     /// app's.
-    pub async fn send(&self, req: Request<GateBody>) -> Result<Response<AppBody>, GateError> {
-        let upload = req.body().upload_state();
+    pub async fn send(&self, parts: &mut http::request::Parts, body: GateBody) -> Result<Response<AppBody>, GateError> {
+        let upload = body.upload_state();
         let started = Instant::now();
-        let replayable = replayable(&req);
-        let exchange = self.pool.send(req, replayable, started, |e| {
+        let replayable = replayable(&parts.method, &body);
+        let exchange = self.pool.send(parts, body, replayable, started, |e| {
             self.retries.inc();
             tracing::debug!(error = %e, "pooled connection closed before answering: retrying on a fresh one");
         });
         tokio::pin!(exchange);
-        let early = match &upload {
+        // The clock read that started the exchange also starts the timeout, unless an upload
+        // was still being sent.
+        let (early, sent_at) = match &upload {
             Some(up) if !up.is_sent() => tokio::select! {
-                r = &mut exchange => Some(r),
-                () = up.sent() => None,
+                r = &mut exchange => (Some(r), started),
+                () = up.sent() => (None, Instant::now()),
             },
-            _ => None,
+            _ => (None, started),
         };
-        let result = match early {
-            Some(r) => Ok(r),
-            None => tokio::time::timeout(self.timeout, exchange).await,
+        let result = match (early, sent_at.checked_add(self.timeout)) {
+            (Some(r), _) => Ok(r),
+            (None, Some(deadline)) => tokio::time::timeout_at(deadline.into(), exchange).await,
+            (None, None) => Ok(exchange.await),
         };
         self.upstream_duration.observe(started.elapsed().as_secs_f64());
         match result {
@@ -172,10 +175,10 @@ fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
 
 /// May this request be sent again after a pooled connection failed under it? Only an
 /// idempotent method without a body (nothing to replay).
-fn replayable(req: &Request<GateBody>) -> bool {
+fn replayable(method: &http::Method, body: &GateBody) -> bool {
     use http::Method;
-    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
-        && http_body::Body::is_end_stream(req.body())
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+        && http_body::Body::is_end_stream(body)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
