@@ -32,18 +32,9 @@ pub enum TlsError {
     Generate(String),
 }
 
-/// The crypto provider of the gate's clients (ring).
+/// The crypto provider used everywhere (ring).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// The provider of the gate's own listener: ring's, except that the certificate's private key is
-/// loaded, and handshakes signed, by aws-lc-rs. With an RSA-2048 key, ring's signing was 70% of
-/// a handshake's CPU; aws-lc's RSA uses AVX-512 IFMA where the CPU has it (README, Performance:
-/// a burst of 64 handshakes). The record layer and the key exchange stay ring's.
-pub fn server_provider() -> Arc<CryptoProvider> {
-    let keys = rustls::crypto::aws_lc_rs::default_provider().key_provider;
-    Arc::new(CryptoProvider { key_provider: keys, ..rustls::crypto::ring::default_provider() })
 }
 
 /// Install ring as the process default, for libraries that build their own rustls configs.
@@ -77,7 +68,7 @@ pub fn server_config_from_pem(
     };
     let not_after =
         x509_parser::parse_x509_certificate(&certs[0]).ok().map(|(_, c)| c.validity().not_after.timestamp());
-    let mut config = ServerConfig::builder_with_provider(server_provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
