@@ -492,11 +492,10 @@ impl Gateway {
             RouteKind::Proxy => (GateBody::upload(body, self.server.body_timeout), admitted.cleaned.upgrade, None),
             RouteKind::ChatKitServer => {
                 let identity = auth.identity.as_deref();
-                let admit = self.chatkit_servers.admit(take_parts(parts), body, identity, ctx, self.limiter.as_deref());
+                let admit = self.chatkit_servers.admit(parts, body, identity, ctx, self.limiter.as_deref());
                 match Box::pin(admit).await {
                     Ok(a) => {
                         limits = a.limits;
-                        *parts = a.parts;
                         // ChatKit requests are POSTs: never an upgrade.
                         (a.body, None, a.guard)
                     }

@@ -36,9 +36,8 @@ const MAX_AUDIT_ID: usize = 128;
 
 use owners::{FirstEvent, Owners};
 
-/// A request that passed every rule: forward `body` (the bytes as received).
+/// A request that passed every rule: forward `body` (the bytes as received) with its head.
 pub struct Admitted {
-    pub parts: http::request::Parts,
     pub body: GateBody,
     pub limits: Option<RateLimitHeaders>,
     /// For the response body: the stream lease and the thread-owner recorder, if any.
@@ -140,7 +139,7 @@ impl ChatKitServers {
     /// Read, parse and check one request. `Ok`: forward it. `Err`: the answer to send.
     pub async fn admit(
         &self,
-        mut parts: http::request::Parts,
+        parts: &mut http::request::Parts,
         body: Incoming,
         identity: Option<&Identity>,
         ctx: &RequestContext,
@@ -152,7 +151,7 @@ impl ChatKitServers {
         };
         // CORS preflights carry no body and start no work: forwarded as they are.
         if parts.method == Method::OPTIONS {
-            return Ok(Admitted { parts, body: GateBody::incoming(body), limits: None, guard: None });
+            return Ok(Admitted { body: GateBody::incoming(body), limits: None, guard: None });
         }
         if parts.method != Method::POST {
             return Err(self.refuse(route, OTHER, identity, ctx, None, "method", GateError::MethodNotAllowed));
@@ -252,7 +251,7 @@ impl ChatKitServers {
         // What was parsed borrows the buffer; the buffer itself is what goes on.
         drop(params);
         let _ = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-        Ok(Admitted { parts, body: GateBody::full(bytes), limits, guard })
+        Ok(Admitted { body: GateBody::full(bytes), limits, guard })
     }
 
     #[expect(clippy::too_many_arguments, reason = "one call shape for every refusal")]
