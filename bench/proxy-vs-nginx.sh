@@ -152,6 +152,9 @@ cpu_ticks() { local p; for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null || true
 # host_ticks: "total steal" CPU time of the whole machine (the `cpu` line of /proc/stat), in clock
 # ticks. Steal is time the hypervisor gave to others: a shared host's other tenants (bench/README.md).
 host_ticks() { awk '$1 == "cpu" {for (i = 2; i <= 9; i++) t += $i; print t, $9; exit}' /proc/stat; }
+# host_busy: "total busy" CPU time of the whole machine in clock ticks; busy leaves out idle,
+# iowait and steal (time the hypervisor gave to others).
+host_busy() { awk '$1 == "cpu" {for (i = 2; i <= 9; i++) t += $i; print t, t - $5 - $6 - $9; exit}' /proc/stat; }
 rss_kb() { local p; for p in "$@"; do cat "/proc/$p/status" 2>/dev/null || true; done | awk '/^VmRSS:/ {s += $2} END {print s + 0}'; }
 metric() { awk -v re="$2" '$0 !~ /^#/ && $1 ~ re {s += $NF} END {print s + 0}' "$1"; }   # FILE NAME_REGEX: sum
 scrape() { curl -s --max-time 5 "http://127.0.0.1:$1/metrics" > "$2" || : > "$2"; }
@@ -160,6 +163,10 @@ has() { local v; for v in "$@"; do [ -n "$v" ] && [ "$v" != n/a ] || return 1; d
 CLK_TCK="$(getconf CLK_TCK)"
 
 declare -A RPS=() P99=() REQS=() CPU=() USR=() SYS=() BUSY=() VALID=() NOTE=() PROTO=()
+# The rest of the machine during a wrk run: the client's (wrk's) and the backend's CPU per request
+# in µs, and the whole machine's busy share in % of all its cores.
+declare -A CLI=() BACK=() MBUSY=()
+NCPU="$(nproc)"
 to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
     if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000; printf "%.2f", n }'; }
 
@@ -169,14 +176,21 @@ to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
 WRK_HOOK=
 wrk_run() {
     local key="$1" name="$2" url="$3" admin="$4" out="$TMP/wrk-$1.out" u0 s0 u1 s1 n2xx sock p secs
+    local bu0 bs0 bu1 bs1 ht0 hb0 ht1 hb1 wu ws TIMEFORMAT='%3U %3S'
     shift 4
     sync   # an access-log run's dirty pages are written back now, not during the next measured run
     wrk -t"$THREADS" -c"$CONNS" -d2s -H "$COOKIE" "$url" >/dev/null 2>&1 || true   # warm up
     [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 0
     [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-0"
+    read -r bu0 bs0 < <(cpu_ticks $BACKEND_PIDS)
+    read -r ht0 hb0 < <(host_busy)
     read -r u0 s0 < <(cpu_ticks "$@")
-    wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -H "$COOKIE" "$url" >"$out" 2>&1 || true
+    # bash's `time` gives wrk's own CPU time (its rusage as a child), written to the .time file.
+    { time wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -H "$COOKIE" "$url" >"$out" 2>&1; } 2>"$out.time" || true
     read -r u1 s1 < <(cpu_ticks "$@")
+    read -r ht1 hb1 < <(host_busy)
+    read -r bu1 bs1 < <(cpu_ticks $BACKEND_PIDS)
+    read -r wu ws < <(tail -n 1 "$out.time")
     [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-1"
     [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 1
     echo "== $name ($url, $CONNS connections, $DURATION)"
@@ -188,7 +202,8 @@ wrk_run() {
     sock="$(awk '/Socket errors/ {sub(/^ *Socket errors: */, ""); print}' "$out")"
     VALID[$key]=1; NOTE[$key]=""
     if ! has "${REQS[$key]}" || [ "${REQS[$key]}" -eq 0 ]; then
-        VALID[$key]=; NOTE[$key]="wrk failed: $(tail -1 "$out")"; RPS[$key]=n/a; P99[$key]=n/a; CPU[$key]=n/a; USR[$key]=n/a; SYS[$key]=n/a; BUSY[$key]=n/a; return
+        VALID[$key]=; NOTE[$key]="wrk failed: $(tail -1 "$out")"; RPS[$key]=n/a; P99[$key]=n/a; CPU[$key]=n/a; USR[$key]=n/a; SYS[$key]=n/a; BUSY[$key]=n/a
+        CLI[$key]=n/a; BACK[$key]=n/a; MBUSY[$key]=n/a; return
     fi
     [ -n "$n2xx" ] && [ "$n2xx" != 0 ] && { VALID[$key]=; NOTE[$key]+="$n2xx non-2xx answers; "; }
     [ -n "$sock" ] && NOTE[$key]+="socket errors: $sock; "
@@ -199,6 +214,9 @@ wrk_run() {
     # Busy: the process's CPU time over wrk's measured time, in % of one core.
     secs="$(awk '/ requests in / {sub(/s,?$/, "", $4); print $4 + 0; exit}' "$out")"
     BUSY[$key]="$(has "$secs" && [ "$secs" != 0 ] && calc "($u1 - $u0 + $s1 - $s0) * 100 / $CLK_TCK / $secs" 0 || echo n/a)"
+    CLI[$key]="$(has "$wu" "$ws" && calc "($wu + $ws) * 1000000 / ${REQS[$key]}" 1 || echo n/a)"
+    BACK[$key]="$(calc "($bu1 - $bu0 + $bs1 - $bs0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 1)"
+    MBUSY[$key]="$([ "$ht1" -gt "$ht0" ] && calc "($hb1 - $hb0) * 100 / ($ht1 - $ht0)" 0 || echo n/a)"
     for p in "$@"; do bench_alive "$p" || { VALID[$key]=; NOTE[$key]+="process $p exited during the run; "; }; done
 }
 
@@ -261,6 +279,7 @@ mem_probe gate 19447 19094 one_pid "${BENCH_PID[gate-mem]}"
 mem_probe nginx 18446 - nginx_pids "${BENCH_PID[nginx-mem]}"
 
 NGX_PROXY="$(nginx_pids "${BENCH_PID[proxy]}")"
+BACKEND_PIDS="$(nginx_pids "${BENCH_PID[backend]}")"
 # Access-log lines written during the measured runs, summed over the rounds (g: gate, n: nginx).
 declare -A LOGLINES=([g]=0 [n]=0) LOGSTART=()
 log_count() {   # WHICH PHASE COUNT
@@ -279,20 +298,22 @@ median() {
 # combine KEY: the row's value from its rounds KEY_1..KEY_N: the median req/s, p99, CPU per
 # request and busy share, valid only if every round was, the notes of every round.
 combine() {
-    local k="$1" r rps=() p99=() cpu=() usr=() sys=() busy=() reqs=0 notes=""
+    local k="$1" r rps=() p99=() cpu=() usr=() sys=() busy=() cli=() back=() mbusy=() reqs=0 notes=""
     VALID[$k]=1
     for r in $(seq "$ROUNDS"); do
         rps+=("${RPS[${k}_$r]:-n/a}"); p99+=("${P99[${k}_$r]:-n/a}"); cpu+=("${CPU[${k}_$r]:-n/a}")
         usr+=("${USR[${k}_$r]:-n/a}"); sys+=("${SYS[${k}_$r]:-n/a}"); busy+=("${BUSY[${k}_$r]:-n/a}")
+        cli+=("${CLI[${k}_$r]:-n/a}"); back+=("${BACK[${k}_$r]:-n/a}"); mbusy+=("${MBUSY[${k}_$r]:-n/a}")
         has "${REQS[${k}_$r]:-}" && reqs=$(( reqs + REQS[${k}_$r] ))
         [ -n "${VALID[${k}_$r]:-}" ] || VALID[$k]=
         [ -n "${NOTE[${k}_$r]:-}" ] && notes+="round $r: ${NOTE[${k}_$r]%; }; "
     done
     RPS[$k]="$(median "${rps[@]}")"; P99[$k]="$(median "${p99[@]}")"; CPU[$k]="$(median "${cpu[@]}")"
     USR[$k]="$(median "${usr[@]}")"; SYS[$k]="$(median "${sys[@]}")"; BUSY[$k]="$(median "${busy[@]}")"
+    CLI[$k]="$(median "${cli[@]}")"; BACK[$k]="$(median "${back[@]}")"; MBUSY[$k]="$(median "${mbusy[@]}")"
     REQS[$k]=$reqs; PROTO[$k]="${PROTO[${k}_1]:-}"
     NOTE[$k]="median of $ROUNDS rounds: req/s ${rps[*]}"
-    [ "${p99[0]}" != n/a ] && NOTE[$k]+=", p99 ms ${p99[*]}, CPU µs ${cpu[*]} (user ${usr[*]}; kernel ${sys[*]})"
+    [ "${p99[0]}" != n/a ] && NOTE[$k]+=", p99 ms ${p99[*]}, CPU µs ${cpu[*]} (user ${usr[*]}; kernel ${sys[*]}), client µs ${cli[*]}, backend µs ${back[*]}, machine busy % ${mbusy[*]}"
     NOTE[$k]+="; ${notes}"
 }
 
@@ -423,6 +444,32 @@ row 6e "bound on the plain req/s ratio from kernel time alone (nginx CPU ÷ gate
 pct_core() { has "${1:-}" && echo "$1%" || echo n/a; }
 row 6f "proxy busy during the plain run (% of one core: CPU time ÷ run time)" "$(pct_core "${BUSY[nplain]:-}")" "$(pct_core "${BUSY[gplain]:-}")" "—" "— (informational)" \
     "$(info gplain nplain)"
+# The rest of the machine. On a machine this size the client and the backend run beside the proxy,
+# so what the gate saves per request goes to them only as far as there are cores for it: the
+# plain req/s of any proxy is at most (cores ÷ (its CPU + the client's + the backend's per
+# request)). 6i puts the gate's kernel time alone in that sum (no user-space work at all, every
+# core busy); 6j is the user-space time per request that the gate may spend to reach 1.3×
+# nginx's req/s with every core busy, next to what it spends (both per round, then the median).
+row 6g "client (wrk) + backend CPU per request during the plain run (µs)" \
+    "$(has "${CLI[nplain]}" "${BACK[nplain]}" && echo "${CLI[nplain]} + ${BACK[nplain]}" || echo n/a)" \
+    "$(has "${CLI[gplain]}" "${BACK[gplain]}" && echo "${CLI[gplain]} + ${BACK[gplain]}" || echo n/a)" "—" "— (informational)" \
+    "$(info gplain nplain)"
+row 6h "machine busy during the plain run (% of all $NCPU cores; idle, iowait and steal left out)" \
+    "$(pct_core "${MBUSY[nplain]:-}")" "$(pct_core "${MBUSY[gplain]:-}")" "—" "— (informational)" "$(info gplain nplain)"
+sysbound() {   # ROUND FORMULA-KIND: bound | budget, from the round's gate plain and nginx plain runs
+    local r="$1" rest
+    has "${SYS[gplain_$r]:-}" "${CLI[gplain_$r]:-}" "${BACK[gplain_$r]:-}" "${RPS[nplain_$r]:-}" || { echo n/a; return; }
+    rest="(${SYS[gplain_$r]} + ${CLI[gplain_$r]} + ${BACK[gplain_$r]})"
+    if [ "$2" = bound ]; then calc "$NCPU * 1000000 / $rest / ${RPS[nplain_$r]}" 4
+    else calc "$NCPU * 1000000 / (1.3 * ${RPS[nplain_$r]}) - $rest" 2; fi
+}
+b6i=(); b6j=()
+for r in $(seq "$ROUNDS"); do b6i+=("$(sysbound "$r" bound)"); b6j+=("$(sysbound "$r" budget)"); done
+R[6i]="$(median "${b6i[@]}")"; R[6j]="$(median "${b6j[@]}")"
+row 6i "bound on the plain req/s ratio from the whole machine: $NCPU cores ÷ (gate kernel + client + backend CPU per request) ÷ nginx req/s" \
+    "—" "—" "$(x "${R[6i]}")" "— (informational)" "$(info gplain nplain)"
+row 6j "gate user-space budget for 1.3× nginx's req/s, every core busy ($NCPU cores ÷ (1.3 × nginx req/s) − gate kernel − client − backend, µs per request) vs user space spent" \
+    "${USR[nplain]} spent" "$(has "${R[6j]}" && echo "budget ${R[6j]}, spent ${USR[gplain]}" || echo n/a)" "—" "— (informational)" "$(info gplain nplain)"
 VALID[mem]=1
 grep -q "^held open=$MEM_CONNS of $MEM_CONNS" "$TMP/idle-gate.out" || VALID[mem]=
 VALID[nmem]=1
