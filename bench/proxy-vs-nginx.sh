@@ -445,31 +445,34 @@ pct_core() { has "${1:-}" && echo "$1%" || echo n/a; }
 row 6f "proxy busy during the plain run (% of one core: CPU time ÷ run time)" "$(pct_core "${BUSY[nplain]:-}")" "$(pct_core "${BUSY[gplain]:-}")" "—" "— (informational)" \
     "$(info gplain nplain)"
 # The rest of the machine. On a machine this size the client and the backend run beside the proxy,
-# so what the gate saves per request goes to them only as far as there are cores for it: the
-# plain req/s of any proxy is at most (cores ÷ (its CPU + the client's + the backend's per
-# request)). 6i puts the gate's kernel time alone in that sum (no user-space work at all, every
-# core busy); 6j is the user-space time per request that the gate may spend to reach 1.3×
-# nginx's req/s with every core busy, next to what it spends (both per round, then the median).
+# and the machine is as busy in the gate's run as in nginx's (row 6h), so a round's req/s ratio
+# is about (nginx's CPU + client + backend per request) ÷ (the gate's CPU + client + backend):
+# what the gate saves per request buys only its share of that sum. 6i puts the gate's kernel time
+# alone in the gate's sum (no user-space work at all); 6j is the user-space time per request left
+# to the gate for 1.3× (nginx's sum ÷ 1.3 − the gate's kernel − client − backend), next to what it
+# spent. Both from each round's two runs, then the median.
 row 6g "client (wrk) + backend CPU per request during the plain run (µs)" \
     "$(has "${CLI[nplain]}" "${BACK[nplain]}" && echo "${CLI[nplain]} + ${BACK[nplain]}" || echo n/a)" \
     "$(has "${CLI[gplain]}" "${BACK[gplain]}" && echo "${CLI[gplain]} + ${BACK[gplain]}" || echo n/a)" "—" "— (informational)" \
     "$(info gplain nplain)"
 row 6h "machine busy during the plain run (% of all $NCPU cores; idle, iowait and steal left out)" \
     "$(pct_core "${MBUSY[nplain]:-}")" "$(pct_core "${MBUSY[gplain]:-}")" "—" "— (informational)" "$(info gplain nplain)"
-sysbound() {   # ROUND FORMULA-KIND: bound | budget, from the round's gate plain and nginx plain runs
-    local r="$1" rest
-    has "${SYS[gplain_$r]:-}" "${CLI[gplain_$r]:-}" "${BACK[gplain_$r]:-}" "${RPS[nplain_$r]:-}" || { echo n/a; return; }
+sysbound() {   # ROUND bound|budget, from the round's nginx plain and gate plain runs
+    local r="$1" ngx rest
+    has "${CPU[nplain_$r]:-}" "${CLI[nplain_$r]:-}" "${BACK[nplain_$r]:-}" \
+        "${SYS[gplain_$r]:-}" "${CLI[gplain_$r]:-}" "${BACK[gplain_$r]:-}" || { echo n/a; return; }
+    ngx="(${CPU[nplain_$r]} + ${CLI[nplain_$r]} + ${BACK[nplain_$r]})"
     rest="(${SYS[gplain_$r]} + ${CLI[gplain_$r]} + ${BACK[gplain_$r]})"
-    if [ "$2" = bound ]; then calc "$NCPU * 1000000 / $rest / ${RPS[nplain_$r]}" 4
-    else calc "$NCPU * 1000000 / (1.3 * ${RPS[nplain_$r]}) - $rest" 2; fi
+    if [ "$2" = bound ]; then calc "$ngx / $rest" 4; else calc "$ngx / 1.3 - $rest" 2; fi
 }
 b6i=(); b6j=()
 for r in $(seq "$ROUNDS"); do b6i+=("$(sysbound "$r" bound)"); b6j+=("$(sysbound "$r" budget)"); done
 R[6i]="$(median "${b6i[@]}")"; R[6j]="$(median "${b6j[@]}")"
-row 6i "bound on the plain req/s ratio from the whole machine: $NCPU cores ÷ (gate kernel + client + backend CPU per request) ÷ nginx req/s" \
+row 6i "bound on the plain req/s ratio from the whole machine: (nginx + client + backend CPU per request) ÷ (gate kernel + client + backend)" \
     "—" "—" "$(x "${R[6i]}")" "— (informational)" "$(info gplain nplain)"
-row 6j "gate user-space budget for 1.3× nginx's req/s, every core busy ($NCPU cores ÷ (1.3 × nginx req/s) − gate kernel − client − backend, µs per request) vs user space spent" \
-    "${USR[nplain]} spent" "$(has "${R[6j]}" && echo "budget ${R[6j]}, spent ${USR[gplain]}" || echo n/a)" "—" "— (informational)" "$(info gplain nplain)"
+row 6j "gate user space left for 1.3×: (nginx + client + backend) ÷ 1.3 − (gate kernel + client + backend), µs per request, vs spent (nginx: its own user space)" \
+    "${USR[nplain]} spent" "$(has "${R[6j]}" && echo "left ${R[6j]}, spent ${USR[gplain]}" || echo n/a)" "—" "— (informational)" "$(info gplain nplain)"
+NOTE[gplain]+="rounds' 6i bounds ${b6i[*]}, 6j user space left for 1.3× ${b6j[*]} µs"
 VALID[mem]=1
 grep -q "^held open=$MEM_CONNS of $MEM_CONNS" "$TMP/idle-gate.out" || VALID[mem]=
 VALID[nmem]=1
