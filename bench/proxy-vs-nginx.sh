@@ -149,18 +149,17 @@ case "$code" in 200|000) echo "the auth gate answered $code without a cookie: au
 nginx_pids() { echo "$1" $(ps -o pid= --ppid "$1"); }               # master + workers
 # cpu_ticks PID...: "utime stime" summed over the processes, in clock ticks.
 cpu_ticks() { local p; for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null || true; done | awk '{sub(/^.*\) /, ""); u += $12; s += $13} END {print u + 0, s + 0}'; }
-# host_ticks: "total steal" CPU time of the whole machine (the `cpu` line of /proc/stat), in clock
-# ticks. Steal is time the hypervisor gave to others: a shared host's other tenants (bench/README.md).
-host_ticks() { awk '$1 == "cpu" {for (i = 2; i <= 9; i++) t += $i; print t, $9; exit}' /proc/stat; }
-# host_busy: "total busy" CPU time of the whole machine in clock ticks; busy leaves out idle,
-# iowait and steal (time the hypervisor gave to others).
-host_busy() { awk '$1 == "cpu" {for (i = 2; i <= 9; i++) t += $i; print t, t - $5 - $6 - $9; exit}' /proc/stat; }
+# host_ticks: "total steal busy" CPU time of the whole machine (the `cpu` line of /proc/stat), in
+# clock ticks. Steal is time the hypervisor gave to others: a shared host's other tenants
+# (bench/README.md). Busy is the rest, less idle and iowait.
+host_ticks() { awk '$1 == "cpu" {for (i = 2; i <= 9; i++) t += $i; print t, $9, t - $5 - $6 - $9; exit}' /proc/stat; }
 rss_kb() { local p; for p in "$@"; do cat "/proc/$p/status" 2>/dev/null || true; done | awk '/^VmRSS:/ {s += $2} END {print s + 0}'; }
 metric() { awk -v re="$2" '$0 !~ /^#/ && $1 ~ re {s += $NF} END {print s + 0}' "$1"; }   # FILE NAME_REGEX: sum
 scrape() { curl -s --max-time 5 "http://127.0.0.1:$1/metrics" > "$2" || : > "$2"; }
 calc() { awk "BEGIN { x = $1; printf \"%.${2:-2}f\", x }" 2>/dev/null || echo n/a; }
 has() { local v; for v in "$@"; do [ -n "$v" ] && [ "$v" != n/a ] || return 1; done; }
 CLK_TCK="$(getconf CLK_TCK)"
+per_req() { calc "($1) * 1000000 / $CLK_TCK / $2" "$3"; }   # TICKS REQUESTS DECIMALS: µs a request
 
 declare -A RPS=() P99=() REQS=() CPU=() USR=() SYS=() BUSY=() VALID=() NOTE=() PROTO=()
 # The rest of the machine during a wrk run: the client's (wrk's) and the backend's CPU per request
@@ -183,12 +182,12 @@ wrk_run() {
     [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 0
     [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-0"
     read -r bu0 bs0 < <(cpu_ticks $BACKEND_PIDS)
-    read -r ht0 hb0 < <(host_busy)
+    read -r ht0 _ hb0 < <(host_ticks)
     read -r u0 s0 < <(cpu_ticks "$@")
     # bash's `time` gives wrk's own CPU time (its rusage as a child), written to the .time file.
     { time wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -H "$COOKIE" "$url" >"$out" 2>&1; } 2>"$out.time" || true
     read -r u1 s1 < <(cpu_ticks "$@")
-    read -r ht1 hb1 < <(host_busy)
+    read -r ht1 _ hb1 < <(host_ticks)
     read -r bu1 bs1 < <(cpu_ticks $BACKEND_PIDS)
     read -r wu ws < <(tail -n 1 "$out.time")
     [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-1"
@@ -208,14 +207,14 @@ wrk_run() {
     [ -n "$n2xx" ] && [ "$n2xx" != 0 ] && { VALID[$key]=; NOTE[$key]+="$n2xx non-2xx answers; "; }
     [ -n "$sock" ] && NOTE[$key]+="socket errors: $sock; "
     case "$sock" in connect\ [1-9]*) VALID[$key]= ;; esac
-    USR[$key]="$(calc "($u1 - $u0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 2)"
-    SYS[$key]="$(calc "($s1 - $s0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 2)"
-    CPU[$key]="$(calc "($u1 - $u0 + $s1 - $s0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 1)"
+    USR[$key]="$(per_req "$u1 - $u0" "${REQS[$key]}" 2)"
+    SYS[$key]="$(per_req "$s1 - $s0" "${REQS[$key]}" 2)"
+    CPU[$key]="$(per_req "$u1 - $u0 + $s1 - $s0" "${REQS[$key]}" 1)"
     # Busy: the process's CPU time over wrk's measured time, in % of one core.
     secs="$(awk '/ requests in / {sub(/s,?$/, "", $4); print $4 + 0; exit}' "$out")"
     BUSY[$key]="$(has "$secs" && [ "$secs" != 0 ] && calc "($u1 - $u0 + $s1 - $s0) * 100 / $CLK_TCK / $secs" 0 || echo n/a)"
     CLI[$key]="$(has "$wu" "$ws" && calc "($wu + $ws) * 1000000 / ${REQS[$key]}" 1 || echo n/a)"
-    BACK[$key]="$(calc "($bu1 - $bu0 + $bs1 - $bs0) * 1000000 / $CLK_TCK / ${REQS[$key]}" 1)"
+    BACK[$key]="$(per_req "$bu1 - $bu0 + $bs1 - $bs0" "${REQS[$key]}" 1)"
     MBUSY[$key]="$([ "$ht1" -gt "$ht0" ] && calc "($hb1 - $hb0) * 100 / ($ht1 - $ht0)" 0 || echo n/a)"
     for p in "$@"; do bench_alive "$p" || { VALID[$key]=; NOTE[$key]+="process $p exited during the run; "; }; done
 }
@@ -269,7 +268,7 @@ mem_probe() {
 one_pid() { echo "$1"; }
 
 # ---------------------------------------------------------------- measurements
-read -r HOST_T0 HOST_STEAL0 <<< "$(host_ticks)"
+read -r HOST_T0 HOST_STEAL0 _ <<< "$(host_ticks)"
 echo "Command: $INVOKED"
 echo "gate $("$GATE" --version 2>/dev/null | head -1) ($GATE); $(nginx -v 2>&1 | sed 's/^nginx version: //'); wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'); $(h2load --version | head -1)"
 
@@ -347,7 +346,7 @@ done
 RSS_AFTER_gate="$(cat "$TMP/rss-after-gate" 2>/dev/null || echo n/a)"
 RSS_AFTER_nginx="$(cat "$TMP/rss-after-nginx" 2>/dev/null || echo n/a)"
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
-read -r HOST_T1 HOST_STEAL1 <<< "$(host_ticks)"
+read -r HOST_T1 HOST_STEAL1 _ <<< "$(host_ticks)"
 STEAL="$([ "$HOST_T1" -gt "$HOST_T0" ] && echo "$(calc "($HOST_STEAL1 - $HOST_STEAL0) * 100 / ($HOST_T1 - $HOST_T0)" 1)%" || echo n/a)"
 
 # Checks from the gate's own metrics, over the measured runs only (summed over the rounds).
@@ -457,16 +456,16 @@ row 6g "client (wrk) + backend CPU per request during the plain run (µs)" \
     "$(info gplain nplain)"
 row 6h "machine busy during the plain run (% of all $NCPU cores; idle, iowait and steal left out)" \
     "$(pct_core "${MBUSY[nplain]:-}")" "$(pct_core "${MBUSY[gplain]:-}")" "—" "— (informational)" "$(info gplain nplain)"
-sysbound() {   # ROUND bound|budget, from the round's nginx plain and gate plain runs
+sysbound() {   # ROUND: "bound budget" (6i, 6j) from the round's nginx plain and gate plain runs
     local r="$1" ngx rest
     has "${CPU[nplain_$r]:-}" "${CLI[nplain_$r]:-}" "${BACK[nplain_$r]:-}" \
-        "${SYS[gplain_$r]:-}" "${CLI[gplain_$r]:-}" "${BACK[gplain_$r]:-}" || { echo n/a; return; }
+        "${SYS[gplain_$r]:-}" "${CLI[gplain_$r]:-}" "${BACK[gplain_$r]:-}" || { echo n/a n/a; return; }
     ngx="(${CPU[nplain_$r]} + ${CLI[nplain_$r]} + ${BACK[nplain_$r]})"
     rest="(${SYS[gplain_$r]} + ${CLI[gplain_$r]} + ${BACK[gplain_$r]})"
-    if [ "$2" = bound ]; then calc "$ngx / $rest" 4; else calc "$ngx / 1.3 - $rest" 2; fi
+    echo "$(calc "$ngx / $rest" 4) $(calc "$ngx / 1.3 - $rest" 2)"
 }
 b6i=(); b6j=()
-for r in $(seq "$ROUNDS"); do b6i+=("$(sysbound "$r" bound)"); b6j+=("$(sysbound "$r" budget)"); done
+for r in $(seq "$ROUNDS"); do read -r bi bj <<< "$(sysbound "$r")"; b6i+=("$bi"); b6j+=("$bj"); done
 R[6i]="$(median "${b6i[@]}")"; R[6j]="$(median "${b6j[@]}")"
 row 6i "bound on the plain req/s ratio from the whole machine: (nginx + client + backend CPU per request) ÷ (gate kernel + client + backend)" \
     "—" "—" "$(x "${R[6i]}")" "— (informational)" "$(info gplain nplain)"
