@@ -44,7 +44,7 @@ pub const LOG_BUFFER_LINES: usize = 4096;
 
 /// Set up the global tracing subscriber: stdout, written by a background thread so a slow
 /// log consumer never blocks request handling. Keep the guard until exit (it flushes).
-pub fn init_logging(format: LogFormat, level: &str) -> Option<crate::logwriter::BatchGuard> {
+pub fn init_logging(format: LogFormat, level: &str) -> Option<crate::obs::logwriter::BatchGuard> {
     // rustls logs a warning per handshake for clients that send an IP address as SNI: noise
     // (and a cost) on a public listener, so it stays quiet unless named in the filter.
     let directives = if level.contains("rustls") { level.to_string() } else { format!("{level},rustls=error") };
@@ -53,7 +53,7 @@ pub fn init_logging(format: LogFormat, level: &str) -> Option<crate::logwriter::
     // Lossy: when stdout stalls (a blocked pipe, a slow collector) lines are dropped and counted
     // (chatkit_gate_log_lines_dropped_total) instead of blocking a worker thread mid-request.
     // Lines are batched: one write of many lines every few milliseconds, no wake-up per line.
-    let (writer, guard) = match crate::logwriter::BatchWriter::start(std::io::stdout(), LOG_BUFFER_LINES) {
+    let (writer, guard) = match crate::obs::logwriter::BatchWriter::start(std::io::stdout(), LOG_BUFFER_LINES) {
         Ok(started) => started,
         Err(e) => {
             eprintln!("error: cannot start the log writer thread: {e}");
@@ -61,7 +61,7 @@ pub fn init_logging(format: LogFormat, level: &str) -> Option<crate::logwriter::
         }
     };
     if format == LogFormat::Json {
-        crate::logwriter::set_json_sink(writer.clone());
+        crate::obs::logwriter::set_json_sink(writer.clone());
     }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {
@@ -86,11 +86,13 @@ pub fn log_settings(cli: &Cli, config: Option<&Config>) -> (LogFormat, String) {
 /// Each problem is `(key, message)`.
 pub fn check_environment(config: &Config) -> Vec<(String, String)> {
     let mut problems = Vec::new();
-    crate::tls::install_default_provider();
-    if let Err(e) = crate::tls::load(&config.tls) {
+    crate::transport::tls::install_default_provider();
+    if let Err(e) = crate::transport::tls::load(&config.tls) {
         let key = match &e {
-            crate::tls::TlsError::NoKey(_) => "tls.key_file",
-            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Pem { path, .. } if matches!(&config.tls.source, crate::config::TlsSource::Files { key_file, .. } if key_file.display().to_string() == *path) => {
+            crate::transport::tls::TlsError::NoKey(_) => "tls.key_file",
+            crate::transport::tls::TlsError::Read { path, .. } | crate::transport::tls::TlsError::Pem { path, .. }
+                if matches!(&config.tls.source, crate::config::TlsSource::Files { key_file, .. } if key_file.display().to_string() == *path) =>
+            {
                 "tls.key_file"
             }
             _ => "tls.cert_file",

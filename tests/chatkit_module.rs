@@ -13,15 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chatkit_gate::audit::Audit;
 use chatkit_gate::auth::Identity;
 use chatkit_gate::chatkit::{ChatKit, Endpoint};
 use chatkit_gate::config::Config;
-use chatkit_gate::context::RequestContext;
-use chatkit_gate::error::GateError;
-use chatkit_gate::metrics::Metrics;
-use chatkit_gate::routes::RouteTable;
-use chatkit_gate::store::RedisStore;
+use chatkit_gate::http::error::GateError;
+use chatkit_gate::obs::audit::Audit;
+use chatkit_gate::obs::metrics::Metrics;
+use chatkit_gate::request::context::RequestContext;
+use chatkit_gate::request::routes::RouteTable;
+use chatkit_gate::transport::redis::RedisStore;
 use common::certs::TestPki;
 use common::fake_openai::{
     FakeChatKit, FakeOptions, Mode, RATE_LIMIT_RETRY_AFTER_SECS, TEST_API_KEY, TEST_WORKFLOW_ID,
@@ -40,7 +40,7 @@ struct Harness {
     logs: Logs,
     _log_guard: tracing::subscriber::DefaultGuard,
     key_dir: tempfile::TempDir,
-    route: Arc<chatkit_gate::routes::Route>,
+    route: Arc<chatkit_gate::request::routes::Route>,
     /// Client secrets handed out, to scan for.
     secrets: Mutex<Vec<String>>,
 }

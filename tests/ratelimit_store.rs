@@ -8,17 +8,17 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use chatkit_gate::audit::{Audit, AuditSink};
 use chatkit_gate::auth::Identity;
 use chatkit_gate::config::{
     Algorithm, LimitKey, OnStoreError, PolicySettings, RateLimitSettings, RateLimitStore, RouteAuth, Unauthenticated,
 };
-use chatkit_gate::context::RequestContext;
-use chatkit_gate::error::GateError;
-use chatkit_gate::metrics::Metrics;
+use chatkit_gate::http::error::GateError;
+use chatkit_gate::obs::audit::{Audit, AuditSink};
+use chatkit_gate::obs::metrics::Metrics;
 use chatkit_gate::ratelimit::{RATELIMIT, RATELIMIT_POLICY, RateLimitHeaders, RateLimiter};
-use chatkit_gate::routes::{Route, RouteKind};
-use chatkit_gate::store::RedisStore;
+use chatkit_gate::request::context::RequestContext;
+use chatkit_gate::request::routes::{Route, RouteKind};
+use chatkit_gate::transport::redis::RedisStore;
 use common::redis::{RedisCluster, RedisServer};
 use http::HeaderValue;
 

@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use super::breaker::{Admit, Breaker};
 use super::cache::Key;
 use crate::config::AuthSettings;
-use crate::context::RequestContext;
+use crate::request::context::RequestContext;
 
 /// Largest introspection answer read; a larger one is an error.
 const MAX_ANSWER_BYTES: usize = 256 * 1024;
@@ -310,7 +310,7 @@ pub(crate) fn cache_limit(headers: &HeaderMap) -> Option<Duration> {
     s_maxage.or(max_age)
 }
 
-type HttpsClient = crate::client::HttpsClient<Empty<Bytes>>;
+type HttpsClient = crate::transport::https_client::HttpsClient<Empty<Bytes>>;
 
 /// The pooled keep-alive client for the introspection URL (one per gate, never per request).
 pub(crate) struct Introspector {
@@ -341,15 +341,18 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Introspector {
     pub fn new(settings: &AuthSettings, metrics: IntrospectionMetrics) -> anyhow::Result<Self> {
-        let options = crate::client::ClientOptions {
+        let options = crate::transport::https_client::ClientOptions {
             ca_file: settings.ca_file.as_deref(),
             ca_key: "auth.ca_file",
             connect_timeout: settings.timeout,
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
             pool_max_idle_per_host: 64,
         };
-        let client = crate::client::https_client(options)?;
-        let fresh = crate::client::https_client(crate::client::ClientOptions { pool_max_idle_per_host: 0, ..options })?;
+        let client = crate::transport::https_client::https_client(options)?;
+        let fresh = crate::transport::https_client::https_client(crate::transport::https_client::ClientOptions {
+            pool_max_idle_per_host: 0,
+            ..options
+        })?;
         let breaker = Breaker::new(settings.breaker_failures, settings.breaker_cooldown, metrics.breaker_open.clone());
         Ok(Introspector {
             client,
@@ -424,10 +427,15 @@ impl Introspector {
     /// once on a fresh connection when a pooled one was closed under it.
     async fn call_once(&self, req: Request<Empty<Bytes>>) -> Result<Answer, Failure> {
         let start = Instant::now();
-        let replay = crate::client::Replay::of(&req);
+        let replay = crate::transport::https_client::Replay::of(&req);
         let result = tokio::time::timeout(self.timeout, async {
-            let sent =
-                crate::client::send_with_retry(&self.client, &self.fresh, req, Some(replay), &self.metrics.retries);
+            let sent = crate::transport::https_client::send_with_retry(
+                &self.client,
+                &self.fresh,
+                req,
+                Some(replay),
+                &self.metrics.retries,
+            );
             let resp = sent.await.map_err(|e| {
                 let detail = error_chain(&e);
                 if e.is_connect() { Failure::Connect(detail) } else { Failure::Request(detail) }

@@ -21,13 +21,13 @@ use prometheus::IntCounter;
 
 use self::cache::{DecisionCache, Flight, Lookup, Store};
 use self::introspect::{Answer, CredentialRules, Credentials, Failure, Forwarded, IntrospectionMetrics, Introspector};
-use crate::audit::{Audit, AuditEvent, AuditKind};
 use crate::config::{AuthSettings, RouteAuth, Unauthenticated};
-use crate::context::RequestContext;
-use crate::error::GateError;
-use crate::metrics::Metrics;
+use crate::http::error::GateError;
+use crate::obs::audit::{Audit, AuditEvent, AuditKind};
+use crate::obs::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::routes::{Route, RouteKind};
+use crate::request::context::RequestContext;
+use crate::request::routes::{Route, RouteKind};
 
 /// Longest identity header value sent to the app, in bytes (longer values are cut at a character
 /// boundary); also the longest user id accepted.
@@ -284,7 +284,7 @@ impl Authenticator {
     }
 
     /// On non-public routes, decide (client copies of identity headers, in every spelling, were
-    /// removed by the header pass, [`crate::hygiene::clean_request_headers`]). `Err` is the answer to send
+    /// removed by the header pass, [`crate::request::hygiene::clean_request_headers`]). `Err` is the answer to send
     /// instead of proxying: 401 or 302 to the login page (signed out on a required route), or
     /// 503 (introspection unavailable and no usable cached identity, on any non-public route).
     pub async fn authorize(

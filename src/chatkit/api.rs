@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
 
 use crate::config::{ChatKitSettings, SecretSource};
-use crate::metrics::Metrics;
+use crate::obs::metrics::Metrics;
 
 /// Largest API answer we read (a session object is about 1 KiB).
 const MAX_ANSWER: usize = 256 * 1024;
@@ -200,7 +200,7 @@ impl ApiKey {
 
 /// The client for `{api_base}/chatkit/sessions`.
 pub struct ApiClient {
-    client: crate::client::HttpsClient<Full<Bytes>>,
+    client: crate::transport::https_client::HttpsClient<Full<Bytes>>,
     base: String,
     timeout: Duration,
     key: ApiKey,
@@ -210,7 +210,7 @@ pub struct ApiClient {
 impl ApiClient {
     /// Build the pooled client. Fails only on an unusable `ca_file`.
     pub fn new(settings: &ChatKitSettings, metrics: Metrics) -> anyhow::Result<ApiClient> {
-        let client = crate::client::https_client(crate::client::ClientOptions {
+        let client = crate::transport::https_client::https_client(crate::transport::https_client::ClientOptions {
             ca_file: settings.ca_file.as_deref(),
             ca_key: "chatkit.ca_file",
             connect_timeout: settings.timeout,
@@ -338,7 +338,7 @@ pub fn check(settings: &ChatKitSettings) -> Vec<(String, String)> {
         problems.push((key.to_string(), msg));
     }
     if let Some(path) = &settings.ca_file
-        && let Err(msg) = crate::client::load_ca(&mut rustls::RootCertStore::empty(), path)
+        && let Err(msg) = crate::transport::https_client::load_ca(&mut rustls::RootCertStore::empty(), path)
     {
         problems.push(("chatkit.ca_file".to_string(), msg));
     }

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::RedisStore;
+use crate::transport::redis::RedisStore;
 
 /// Entries the in-process map holds at most (each lives at most 10 minutes).
 const MEMORY_CAPACITY: usize = 100_000;

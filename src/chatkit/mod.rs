@@ -19,14 +19,14 @@ use tokio_util::task::TaskTracker;
 pub use api::{ApiError, CreatedSession};
 pub use bindings::{Binding, Bindings, SecretHash, unix_now};
 
-use crate::audit::{Audit, AuditEvent, AuditKind};
 use crate::auth::Identity;
-use crate::body::{GateBody, ReadBodyError, read_limited};
 use crate::config::{ChatKitSettings, StateSource};
-use crate::context::RequestContext;
-use crate::error::{GateError, json_response};
-use crate::metrics::Metrics;
-use crate::store::RedisStore;
+use crate::http::body::{GateBody, ReadBodyError, read_limited};
+use crate::http::error::{GateError, json_response};
+use crate::obs::audit::{Audit, AuditEvent, AuditKind};
+use crate::obs::metrics::Metrics;
+use crate::request::context::RequestContext;
+use crate::transport::redis::RedisStore;
 
 /// Default limit on the JSON body of the two endpoints (`server.max_body_bytes` overrides it).
 pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024;

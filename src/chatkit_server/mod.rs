@@ -19,15 +19,15 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use crate::audit::{Audit, AuditEvent, AuditKind};
 use crate::auth::Identity;
-use crate::body::{BodyEnd, BodyGuard, GateBody, ReadBodyError, read_limited};
 use crate::config::{CHATKIT_TYPES, ChatKitServerSettings, Config, LimitResponse, STREAMING_TYPES};
-use crate::context::RequestContext;
-use crate::error::GateError;
-use crate::metrics::Metrics;
+use crate::http::body::{BodyEnd, BodyGuard, GateBody, ReadBodyError, read_limited};
+use crate::http::error::GateError;
+use crate::obs::audit::{Audit, AuditEvent, AuditKind};
+use crate::obs::metrics::Metrics;
 use crate::ratelimit::{Lease, PreparedPlan, RateLimitHeaders, RateLimiter};
-use crate::routes::{Route, RouteKind, RouteTable};
+use crate::request::context::RequestContext;
+use crate::request::routes::{Route, RouteKind, RouteTable};
 
 /// The `type` label for a type this gate does not know.
 const OTHER: &str = "other";

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
-use crate::body::{BodyEnd, BodyGuard};
-use crate::store::RedisStore;
+use crate::http::body::{BodyEnd, BodyGuard};
+use crate::transport::redis::RedisStore;
 
 /// Most threads remembered in memory; past it the oldest are forgotten (then unknown: allowed).
 const MEMORY_CAPACITY: usize = 200_000;

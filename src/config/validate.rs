@@ -336,7 +336,10 @@ pub(super) fn validate_routes(
         let key = format!("routes[{i}]");
         let path = match r.path {
             // Routes match the normalised request path, so a route path must be normalised too.
-            Some(p) if p.starts_with('/') && crate::hygiene::normalize_path(&p).ok().as_deref() != Some(p.as_str()) => {
+            Some(p)
+                if p.starts_with('/')
+                    && crate::request::hygiene::normalize_path(&p).ok().as_deref() != Some(p.as_str()) =>
+            {
                 e.push(
                     format!("{key}.path"),
                     format!(

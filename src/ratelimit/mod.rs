@@ -21,14 +21,14 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
-use crate::audit::{Audit, AuditEvent, AuditKind};
 use crate::auth::Identity;
 use crate::config::{Algorithm, LimitKey, OnStoreError, PolicySettings, RateLimitSettings, RateLimitStore};
-use crate::context::RequestContext;
-use crate::error::GateError;
-use crate::metrics::Metrics;
-use crate::routes::Route;
-use crate::store::{RedisStore, StoreError};
+use crate::http::error::GateError;
+use crate::obs::audit::{Audit, AuditEvent, AuditKind};
+use crate::obs::metrics::Metrics;
+use crate::request::context::RequestContext;
+use crate::request::routes::Route;
+use crate::transport::redis::{RedisStore, StoreError};
 
 use cache::DenyCache;
 use local::LocalStore;

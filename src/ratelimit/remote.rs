@@ -12,7 +12,7 @@ use std::time::Duration;
 use redis::Script;
 
 use super::{Algo, Check, Outcome};
-use crate::store::{RedisStore, StoreError};
+use crate::transport::redis::{RedisStore, StoreError};
 
 pub(crate) struct RedisLimiter {
     store: RedisStore,

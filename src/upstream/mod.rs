@@ -9,11 +9,13 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, Uri};
 use ipnet::IpNet;
 
-use crate::body::{AppBody, GateBody, UploadFailure};
 use crate::config::UpstreamSettings;
-use crate::error::GateError;
-use crate::metrics::Metrics;
-use crate::pool::{AppPool, PoolOptions, SendError};
+use crate::http::body::{AppBody, GateBody, UploadFailure};
+use crate::http::error::GateError;
+use crate::obs::metrics::Metrics;
+use crate::upstream::pool::{AppPool, PoolOptions, SendError};
+
+pub mod pool;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -315,7 +317,7 @@ impl HopByHop {
 }
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`, from an
-/// answer of the app (requests go through [`crate::hygiene::clean_request_headers`]).
+/// answer of the app (requests go through [`crate::request::hygiene::clean_request_headers`]).
 /// With `upgrade`, `Connection: upgrade` and `Upgrade` survive (the tunnel needs them).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let mut present = HopByHop::default();
@@ -362,7 +364,7 @@ pub struct Forwarded<'a> {
 pub const FORWARDING_HEADERS_ADDED: usize = 4;
 
 /// Set `Host`, `X-Forwarded-For/-Proto/-Host` and `X-Request-Id` on a request to the app. Client
-/// copies of these were removed by the header pass ([`crate::hygiene::clean_request_headers`]).
+/// copies of these were removed by the header pass ([`crate::request::hygiene::clean_request_headers`]).
 pub fn set_forwarding_headers(headers: &mut HeaderMap, f: &Forwarded<'_>) {
     // Room for the four added below at once: the map hyper parsed is sized to what the
     // client sent, and growing it insert by insert rehashes it more than once.

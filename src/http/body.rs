@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
-use crate::pool::Lent;
+use crate::upstream::pool::Lent;
 
 /// Errors a streamed body can yield.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -106,11 +106,11 @@ impl BodyGuard for Both {
 
 pin_project! {
     /// An answer's body from the app: through hyper's client connection, given back to the pool
-    /// at the body's end, or read by [`crate::h1`], which gives its connection back itself.
+    /// at the body's end, or read by [`crate::http::h1`], which gives its connection back itself.
     #[project = AppProj]
     pub enum AppBody {
         Hyper { #[pin] body: Incoming, lent: Option<Lent> },
-        Lean { body: crate::h1::Body },
+        Lean { body: crate::http::h1::Body },
     }
 }
 

@@ -15,22 +15,24 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::Audit;
 use crate::auth::{AuthResult, Authenticator};
-use crate::body::{BodyEnd, GateBody};
 use crate::chatkit::ChatKit;
 use crate::chatkit_server::ChatKitServers;
 use crate::config::{Config, ServerSettings};
-use crate::context::RequestContext;
-use crate::error::GateError;
-use crate::https;
-use crate::hygiene::{self, Cleaned, HeaderRules};
-use crate::metrics::Metrics;
-use crate::pool::take_parts;
+use crate::http::body::{BodyEnd, GateBody};
+use crate::http::error::GateError;
+use crate::obs::audit::Audit;
+use crate::request::context::RequestContext;
+
+use crate::obs::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::routes::{RouteKind, RouteTable};
-use crate::tunnel;
+use crate::request::hygiene::{self, Cleaned, HeaderRules};
+use crate::request::routes::{RouteKind, RouteTable};
+use crate::transport::tunnel;
+use crate::upstream::pool::take_parts;
 use crate::upstream::{self, Forwarded, Upstream, X_FORWARDED_PROTO, X_REQUEST_ID};
+
+pub mod https_only;
 
 /// Identity headers are stripped with this prefix when `[auth]` is absent.
 const DEFAULT_PREFIX: &str = "x-auth-request-";
@@ -159,7 +161,7 @@ impl Observer {
     }
 }
 
-impl crate::body::BodyGuard for Observer {
+impl crate::http::body::BodyGuard for Observer {
     fn finished(&mut self, end: BodyEnd) {
         if std::mem::replace(&mut self.done, true) {
             return;
@@ -200,9 +202,9 @@ impl crate::body::BodyGuard for Observer {
             ),
             _ if !tracing::enabled!(tracing::Level::INFO) => {}
             // The binary's JSON log: the same line as tracing would write, built directly.
-            _ => match crate::logwriter::json_sink() {
+            _ => match crate::obs::logwriter::json_sink() {
                 Some(sink) => ACCESS_LINE.with_borrow_mut(|buf| {
-                    let mut line = crate::logwriter::JsonLine::start(buf, "INFO", "request");
+                    let mut line = crate::obs::logwriter::JsonLine::start(buf, "INFO", "request");
                     line.str("method", method.as_str()).str("route", route).uint("status", u64::from(status));
                     line.float("duration_ms", duration_ms);
                     if let Some(ms) = stream_ms {
@@ -224,7 +226,7 @@ impl crate::body::BodyGuard for Observer {
 impl Drop for Observer {
     fn drop(&mut self) {
         if !self.done {
-            crate::body::BodyGuard::finished(self, BodyEnd::ClientAborted);
+            crate::http::body::BodyGuard::finished(self, BodyEnd::ClientAborted);
         }
         self.gateway.metrics.http_in_flight.dec();
         if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -392,7 +394,7 @@ impl Gateway {
         };
 
         let mut resp = if !https {
-            https::plain_http_answer(req.method(), req.uri(), req.headers(), &self.server)
+            https_only::plain_http_answer(req.method(), req.uri(), req.headers(), &self.server)
         } else {
             match self.admit(&mut req, peer_trusted) {
                 Ok(admitted) => {
@@ -429,7 +431,7 @@ impl Gateway {
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         if https {
-            https::add_hsts(headers, self.hsts.as_ref());
+            https_only::add_hsts(headers, self.hsts.as_ref());
         }
         observer.status = Some(resp.status());
         observer.headers_at = Some(Instant::now());

@@ -4,9 +4,9 @@
 use http::header::{CONTENT_LENGTH, HOST, LOCATION, STRICT_TRANSPORT_SECURITY};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
 
-use crate::body::GateBody;
 use crate::config::ServerSettings;
-use crate::error::GateError;
+use crate::http::body::GateBody;
+use crate::http::error::GateError;
 
 /// The answer to a request that arrived over plain HTTP and is not vouched for by a trusted
 /// proxy: a redirect to the HTTPS URL for GET/HEAD, `403 {"error":"HTTPS required"}` otherwise

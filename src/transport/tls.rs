@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::config::{TlsSettings, TlsSource};
-use crate::metrics::Metrics;
+use crate::obs::metrics::Metrics;
 
 /// Why a certificate/key pair could not be used. Never contains key material.
 #[derive(Debug, thiserror::Error)]

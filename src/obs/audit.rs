@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::Metrics;
+use crate::obs::metrics::Metrics;
 
 /// The kinds of audit events the spec names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

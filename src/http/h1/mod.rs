@@ -1,5 +1,5 @@
 //! A lean HTTP/1.1 exchange with the app for the request most traffic is: no body, an idempotent
-//! method, no upgrade (the requests [`crate::pool::AppPool`] may replay). It writes the head from
+//! method, no upgrade (the requests [`crate::upstream::pool::AppPool`] may replay). It writes the head from
 //! the request's header map into one reused buffer, parses the answer with `httparse` (hyper's
 //! parser) in the request's own task, and reads the body only as the client's side pulls it: no
 //! connection task, no channels between tasks. Everything else (request bodies, upgrades) goes
@@ -24,8 +24,8 @@ use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::body::BoxError;
-use crate::pool::Home;
+use crate::http::body::BoxError;
+use crate::upstream::pool::Home;
 
 /// The largest answer head read: hyper's default read buffer limit, so that the same answers
 /// pass either way.
@@ -65,7 +65,7 @@ pub enum Error {
 impl Error {
     /// The connection ended (EOF, reset, aborted, broken pipe) before any answer's head: a
     /// reused keep-alive connection the app closed just as it was reused (the rule hyper's
-    /// `closed_before_answer` applies, see [`crate::client`]).
+    /// `closed_before_answer` applies, see [`crate::transport::https_client`]).
     pub fn unanswered(&self) -> bool {
         match self {
             Error::Closed { answered } => !answered,

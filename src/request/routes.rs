@@ -1,5 +1,5 @@
 //! The route table: first match by path prefix on segment boundaries, on the normalised path
-//! ([`crate::hygiene::normalize_path`]); the gate's own ChatKit paths match exactly.
+//! ([`crate::request::hygiene::normalize_path`]); the gate's own ChatKit paths match exactly.
 
 use std::sync::Arc;
 
@@ -91,7 +91,7 @@ impl RouteTable {
             return r;
         }
         let last = rest.len() - 1;
-        rest[..last].iter().find(|r| crate::hygiene::prefix_matches(&r.path, path)).unwrap_or(&rest[last])
+        rest[..last].iter().find(|r| crate::request::hygiene::prefix_matches(&r.path, path)).unwrap_or(&rest[last])
     }
 
     pub fn all(&self) -> &[Arc<Route>] {

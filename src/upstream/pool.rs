@@ -1,12 +1,12 @@
 //! Keep-alive HTTP/1.1 connections to the app: bodiless idempotent requests without an upgrade
-//! (most of them) go through [`crate::h1`]'s lean exchange, the others through hyper's
+//! (most of them) go through [`crate::http::h1`]'s lean exchange, the others through hyper's
 //! connection API; each kind has its own idle connections.
 //!
 //! A request takes the most recently used idle connection of its worker (see
 //! [`crate::server::Workers`]) that is ready, or opens one: a connection is driven by the worker
 //! that opened it and used only by that worker's requests. The
 //! connection comes back when its answer's body has been read to the end (the body carries it,
-//! see [`crate::body::GateBody::from_app`]): no task per request, no channel hop, no hashing.
+//! see [`crate::http::body::GateBody::from_app`]): no task per request, no channel hop, no hashing.
 //! Idle connections older than the idle timeout are never reused and are closed by a reaper.
 
 use std::net::SocketAddr;
@@ -20,9 +20,9 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::body::{AppBody, GateBody};
-use crate::client::Replay;
-use crate::h1;
+use crate::http::body::{AppBody, GateBody};
+use crate::http::h1;
+use crate::transport::https_client::Replay;
 
 /// Why a request did not get an answer from the app.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +48,7 @@ impl SendError {
     fn is_stale(&self) -> bool {
         match self {
             SendError::Connect { .. } => false,
-            SendError::Http(e) => crate::client::closed_before_answer(e),
+            SendError::Http(e) => crate::transport::https_client::closed_before_answer(e),
             SendError::Lean(e) => e.unanswered(),
         }
     }

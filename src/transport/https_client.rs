@@ -55,7 +55,7 @@ where
         let added = load_ca(&mut roots, path).map_err(|e| anyhow::anyhow!("{}: {e}", opts.ca_key))?;
         tracing::info!(key = opts.ca_key, file = %path.display(), certificates = added, "extra CA loaded");
     }
-    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    let tls = rustls::ClientConfig::builder_with_provider(crate::transport::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| anyhow::anyhow!("TLS client setup: {e}"))?
         .with_root_certificates(roots)
@@ -181,7 +181,7 @@ where
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::body::GateBody;
+    use crate::http::body::GateBody;
     use http::{HeaderValue, Method, Request, Version};
 
     fn head(req: &Request<GateBody>) -> (Method, String, Version, Vec<(String, Vec<u8>)>) {

@@ -11,7 +11,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, RedisFuture, ServerErrorKind, Value};
 
 use crate::config::RateLimitStore;
-use crate::metrics::Metrics;
+use crate::obs::metrics::Metrics;
 
 /// Consecutive failures that open the breaker.
 const BREAKER_THRESHOLD: u32 = 3;

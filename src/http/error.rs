@@ -3,7 +3,7 @@
 use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
-use crate::body::GateBody;
+use crate::http::body::GateBody;
 
 /// Everything that ends a request with an answer of the gate's own.
 #[derive(Debug, thiserror::Error)]

@@ -238,7 +238,7 @@ fn push_rfc3339_micros(out: &mut Vec<u8>, t: std::time::SystemTime) {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, day) = crate::audit::civil_from_days(days as i64);
+    let (y, m, day) = crate::obs::audit::civil_from_days(days as i64);
     push_padded(out, y.max(0) as u64, 4);
     out.push(b'-');
     push_padded(out, u64::from(m), 2);
@@ -290,7 +290,7 @@ mod tests {
             .uint("status", 200)
             .float("duration_ms", 1.25)
             .ip("client_ip", std::net::IpAddr::from([203, 0, 113, 9]))
-            .finish("chatkit_gate::proxy");
+            .finish("chatkit_gate::pipeline");
         assert!(out.ends_with(b"}\n"));
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["message"], "request");
@@ -298,7 +298,7 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["duration_ms"], 1.25);
         assert_eq!(v["client_ip"], "203.0.113.9");
-        assert_eq!(v["target"], "chatkit_gate::proxy");
+        assert_eq!(v["target"], "chatkit_gate::pipeline");
         let ts = v["timestamp"].as_str().unwrap();
         assert_eq!((ts.len(), &ts[10..11], &ts[19..20], &ts[26..]), (27, "T", ".", "Z"), "{ts}");
         let mut known = Vec::new();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use crate::routes::Route;
+use crate::request::routes::Route;
 
 /// Per-request facts established before any phase runs.
 #[derive(Debug, Clone)]

@@ -8,9 +8,9 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::body::GateBody;
-use crate::metrics::Metrics;
-use crate::proxy::Gateway;
+use crate::http::body::GateBody;
+use crate::obs::metrics::Metrics;
+use crate::pipeline::Gateway;
 
 /// Readiness as the orchestrator sees it.
 #[derive(Debug, Default)]

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 
-use crate::error::GateError;
+use crate::http::error::GateError;
 use crate::upstream;
 
 /// Why a request target cannot be normalised safely (answered `400 {"error":"Bad request"}`).

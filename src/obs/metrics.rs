@@ -51,7 +51,7 @@ pub struct Metrics {
     pub chatkit_requests: IntCounterVec,
 }
 
-/// Exports [`crate::logwriter::LINES_DROPPED`] as `chatkit_gate_log_lines_dropped_total`.
+/// Exports [`crate::obs::logwriter::LINES_DROPPED`] as `chatkit_gate_log_lines_dropped_total`.
 #[derive(Clone)]
 struct LogDropped {
     desc: prometheus::core::Desc,
@@ -63,7 +63,7 @@ impl prometheus::core::Collector for LogDropped {
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        let dropped = crate::logwriter::LINES_DROPPED.load(std::sync::atomic::Ordering::Relaxed);
+        let dropped = crate::obs::logwriter::LINES_DROPPED.load(std::sync::atomic::Ordering::Relaxed);
         let c = IntCounter::with_opts(Opts::new(
             "chatkit_gate_log_lines_dropped_total",
             "Log lines dropped because the log output fell behind (it never blocks requests).",

@@ -19,18 +19,20 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{Admin, Readiness};
-use crate::audit::{Audit, AuditSink};
 use crate::auth::Authenticator;
 use crate::chatkit::ChatKit;
-use crate::client_io::ClientIo;
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::proxy::{ConnActivity, Gateway};
+use crate::obs::audit::{Audit, AuditSink};
+use crate::obs::metrics::Metrics;
+use crate::pipeline::{ConnActivity, Gateway};
 use crate::ratelimit::RateLimiter;
-use crate::routes::RouteTable;
-use crate::store::RedisStore;
-use crate::tls;
+use crate::request::routes::RouteTable;
+use crate::server::admin::{Admin, Readiness};
+use crate::transport::client_io::ClientIo;
+use crate::transport::redis::RedisStore;
+use crate::transport::tls;
+
+pub mod admin;
 
 /// The sockets the gate serves, bound by the caller (tests bind port 0).
 pub struct Listeners {
