@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use chatkit_gate::cli::{Cli, Command, check_environment, init_logging, log_settings};
-use chatkit_gate::server::{Workers, run_with_workers};
+use chatkit_gate::server::run_with_workers;
+use chatkit_gate::transport::workers::Workers;
 use chatkit_gate::{Config, Listeners};
 
 /// jemalloc, with its background purging thread: memory freed when connections close goes back

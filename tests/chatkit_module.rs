@@ -13,13 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chatkit_gate::auth::Identity;
-use chatkit_gate::chatkit::{ChatKit, Endpoint};
+use chatkit_gate::chatkit::ChatKit;
 use chatkit_gate::config::Config;
 use chatkit_gate::http::error::GateError;
 use chatkit_gate::obs::audit::Audit;
 use chatkit_gate::obs::metrics::Metrics;
+use chatkit_gate::request::context::Identity;
 use chatkit_gate::request::context::RequestContext;
+use chatkit_gate::request::routes::Endpoint;
 use chatkit_gate::request::routes::RouteTable;
 use chatkit_gate::transport::redis::RedisStore;
 use common::certs::TestPki;

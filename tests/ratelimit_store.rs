@@ -8,7 +8,6 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use chatkit_gate::auth::Identity;
 use chatkit_gate::config::{
     Algorithm, LimitKey, OnStoreError, PolicySettings, RateLimitSettings, RateLimitStore, RouteAuth, Unauthenticated,
 };
@@ -16,6 +15,7 @@ use chatkit_gate::http::error::GateError;
 use chatkit_gate::obs::audit::{Audit, AuditSink};
 use chatkit_gate::obs::metrics::Metrics;
 use chatkit_gate::ratelimit::{RATELIMIT, RATELIMIT_POLICY, RateLimitHeaders, RateLimiter};
+use chatkit_gate::request::context::Identity;
 use chatkit_gate::request::context::RequestContext;
 use chatkit_gate::request::routes::{Route, RouteKind};
 use chatkit_gate::transport::redis::RedisStore;

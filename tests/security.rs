@@ -590,7 +590,7 @@ async fn a_signed_out_http2_upload_gets_its_401_without_a_reset() {
 // Property: the route decided is the route of the path forwarded -----------------------------------
 
 mod property {
-    use chatkit_gate::request::hygiene::normalize_path;
+    use chatkit_gate::http::path::normalize_path;
     use chatkit_gate::request::routes::RouteTable;
     use proptest::prelude::*;
 

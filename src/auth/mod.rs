@@ -26,7 +26,7 @@ use crate::http::error::GateError;
 use crate::obs::audit::{Audit, AuditEvent, AuditKind};
 use crate::obs::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::request::context::RequestContext;
+use crate::request::context::{Identity, RequestContext};
 use crate::request::routes::{Route, RouteKind};
 
 /// Longest identity header value sent to the app, in bytes (longer values are cut at a character
@@ -39,22 +39,6 @@ pub const RD_PLACEHOLDER: &str = "{rd}";
 
 /// Longest TTL honoured (keeps `Instant` arithmetic far from overflow).
 const MAX_TTL: Duration = Duration::from_secs(365 * 86_400);
-
-/// The signed-in user, as the introspection answer described them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Identity {
-    pub id: String,
-    pub name: Option<String>,
-    pub email: Option<String>,
-    /// `[auth.claims]` values that resolved, by claim name (string, number or boolean).
-    pub claims: Vec<(String, serde_json::Value)>,
-}
-
-impl Identity {
-    pub fn claim(&self, name: &str) -> Option<&serde_json::Value> {
-        self.claims.iter().find(|(n, _)| n == name).map(|(_, v)| v)
-    }
-}
 
 /// What authentication decided for a request that may go on.
 #[derive(Debug, Default)]

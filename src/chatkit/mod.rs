@@ -19,36 +19,20 @@ use tokio_util::task::TaskTracker;
 pub use api::{ApiError, CreatedSession};
 pub use bindings::{Binding, Bindings, SecretHash, unix_now};
 
-use crate::auth::Identity;
 use crate::config::{ChatKitSettings, StateSource};
 use crate::http::body::{GateBody, ReadBodyError, read_limited};
 use crate::http::error::{GateError, json_response};
 use crate::obs::audit::{Audit, AuditEvent, AuditKind};
 use crate::obs::metrics::Metrics;
+use crate::request::context::Identity;
 use crate::request::context::RequestContext;
+use crate::request::routes::Endpoint;
 use crate::transport::redis::RedisStore;
 
 /// Default limit on the JSON body of the two endpoints (`server.max_body_bytes` overrides it).
 pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024;
 /// Longest header value used as a state variable (longer ones fall back to the default).
 const MAX_STATE_HEADER: usize = 512;
-
-/// The gate's own ChatKit endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Session,
-    Refresh,
-}
-
-impl Endpoint {
-    /// The `endpoint` metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Endpoint::Session => "session",
-            Endpoint::Refresh => "refresh",
-        }
-    }
-}
 
 /// Answers the two endpoints. One per gateway; cheap to share behind an `Arc`.
 pub struct ChatKit {

@@ -19,13 +19,13 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use crate::auth::Identity;
 use crate::config::{CHATKIT_TYPES, ChatKitServerSettings, Config, LimitResponse, STREAMING_TYPES};
 use crate::http::body::{BodyEnd, BodyGuard, GateBody, ReadBodyError, read_limited};
 use crate::http::error::GateError;
 use crate::obs::audit::{Audit, AuditEvent, AuditKind};
 use crate::obs::metrics::Metrics;
 use crate::ratelimit::{Lease, PreparedPlan, RateLimitHeaders, RateLimiter};
+use crate::request::context::Identity;
 use crate::request::context::RequestContext;
 use crate::request::routes::{Route, RouteKind, RouteTable};
 

@@ -337,8 +337,7 @@ pub(super) fn validate_routes(
         let path = match r.path {
             // Routes match the normalised request path, so a route path must be normalised too.
             Some(p)
-                if p.starts_with('/')
-                    && crate::request::hygiene::normalize_path(&p).ok().as_deref() != Some(p.as_str()) =>
+                if p.starts_with('/') && crate::http::path::normalize_path(&p).ok().as_deref() != Some(p.as_str()) =>
             {
                 e.push(
                     format!("{key}.path"),

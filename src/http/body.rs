@@ -13,11 +13,41 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+use std::sync::Weak;
 
-use crate::upstream::pool::Lent;
+pub use crate::http::h1::BoxError;
 
-/// Errors a streamed body can yield.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Where an app connection goes back once its answer's body has ended: the app pool, seen from
+/// below (the pool implements it; a body cannot name the pool without an import circle).
+pub trait IdleShelf: Send + Sync {
+    /// Keep `tx` as an idle connection of `worker`'s (or drop it, when full or closed).
+    fn put_idle(&self, worker: usize, tx: hyper::client::conn::http1::SendRequest<GateBody>);
+}
+
+/// A connection lent to one exchange; given back with [`Lent::give_back`] once its answer's
+/// body has ended, dropped (and so closed) otherwise.
+pub struct Lent {
+    shelf: Weak<dyn IdleShelf>,
+    tx: hyper::client::conn::http1::SendRequest<GateBody>,
+    /// The worker whose idle connections it goes back to.
+    worker: usize,
+}
+
+impl Lent {
+    pub fn new(
+        shelf: Weak<dyn IdleShelf>,
+        tx: hyper::client::conn::http1::SendRequest<GateBody>,
+        worker: usize,
+    ) -> Lent {
+        Lent { shelf, tx, worker }
+    }
+
+    pub fn give_back(self) {
+        if let Some(shelf) = self.shelf.upgrade() {
+            shelf.put_idle(self.worker, self.tx);
+        }
+    }
+}
 
 pin_project! {
     #[project = KindProj]

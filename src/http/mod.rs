@@ -4,3 +4,4 @@
 pub mod body;
 pub mod error;
 pub mod h1;
+pub mod path;

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::obs::time::{Fraction, push_rfc3339};
+
 /// Lines dropped because the output fell behind (read by the metrics endpoint).
 pub static LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -158,7 +160,7 @@ impl<'a> JsonLine<'a> {
     pub fn start(out: &'a mut Vec<u8>, level: &str, message: &str) -> JsonLine<'a> {
         out.clear();
         out.extend_from_slice(b"{\"timestamp\":\"");
-        push_rfc3339_micros(out, std::time::SystemTime::now());
+        push_rfc3339(out, std::time::SystemTime::now(), Fraction::Micros);
         out.extend_from_slice(b"\",\"level\":\"");
         out.extend_from_slice(level.as_bytes());
         out.push(b'"');
@@ -223,38 +225,6 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(out, s);
 }
 
-/// `value` in decimal, zero-padded to `width` digits.
-fn push_padded(out: &mut Vec<u8>, value: u64, width: usize) {
-    let mut digits = itoa::Buffer::new();
-    let text = digits.format(value);
-    for _ in text.len()..width {
-        out.push(b'0');
-    }
-    out.extend_from_slice(text.as_bytes());
-}
-
-/// `2026-11-26T10:23:51.364458Z` (UTC, microseconds), as tracing-subscriber writes it.
-fn push_rfc3339_micros(out: &mut Vec<u8>, t: std::time::SystemTime) {
-    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, day) = crate::obs::audit::civil_from_days(days as i64);
-    push_padded(out, y.max(0) as u64, 4);
-    out.push(b'-');
-    push_padded(out, u64::from(m), 2);
-    out.push(b'-');
-    push_padded(out, u64::from(day), 2);
-    out.push(b'T');
-    push_padded(out, rem / 3600, 2);
-    out.push(b':');
-    push_padded(out, rem / 60 % 60, 2);
-    out.push(b':');
-    push_padded(out, rem % 60, 2);
-    out.push(b'.');
-    push_padded(out, u64::from(d.subsec_micros()), 6);
-    out.push(b'Z');
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -301,15 +271,6 @@ mod tests {
         assert_eq!(v["target"], "chatkit_gate::pipeline");
         let ts = v["timestamp"].as_str().unwrap();
         assert_eq!((ts.len(), &ts[10..11], &ts[19..20], &ts[26..]), (27, "T", ".", "Z"), "{ts}");
-        let mut known = Vec::new();
-        push_rfc3339_micros(
-            &mut known,
-            std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_591_831_364_458),
-        );
-        assert_eq!(text(&known), "2025-12-01T12:23:51.364458Z");
-        let mut leap = Vec::new();
-        push_rfc3339_micros(&mut leap, std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400));
-        assert_eq!(text(&leap), "2000-02-29T00:00:00.000000Z");
     }
 
     /// Strings, numbers and addresses come out byte for byte as serde_json (tracing's JSON
@@ -336,11 +297,6 @@ mod tests {
             JsonLine { out: &mut out }.ip("ip", ip);
             assert_eq!(text(&out), format!(",\"ip\":\"{ip}\""));
         }
-        let mut padded = Vec::new();
-        push_padded(&mut padded, 7, 4);
-        push_padded(&mut padded, 123456, 6);
-        push_padded(&mut padded, 42, 1);
-        assert_eq!(text(&padded), "000712345642");
     }
 
     #[test]

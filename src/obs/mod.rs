@@ -3,3 +3,4 @@
 pub mod audit;
 pub mod logwriter;
 pub mod metrics;
+pub mod time;

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use http::header::SET_COOKIE;
@@ -12,7 +12,6 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthResult, Authenticator};
@@ -23,6 +22,7 @@ use crate::http::body::{BodyEnd, GateBody};
 use crate::http::error::GateError;
 use crate::obs::audit::Audit;
 use crate::request::context::RequestContext;
+use crate::transport::conn::{Clock, ConnActivity};
 
 use crate::obs::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -36,86 +36,6 @@ pub mod https_only;
 
 /// Identity headers are stripped with this prefix when `[auth]` is absent.
 const DEFAULT_PREFIX: &str = "x-auth-request-";
-
-/// Per-connection activity, for the idle timeout: requests in flight (streams included) and
-/// when the last one finished.
-#[derive(Debug, Default)]
-pub struct ConnActivity {
-    in_flight: AtomicUsize,
-    idle_since_ms: AtomicU64,
-    /// HTTP/1: when the first byte of a request head arrived while nothing was in flight
-    /// (`NOT_WAITING` otherwise); the header timeout runs from there, not from the last answer.
-    head_since_ms: AtomicU64,
-    /// HTTP/2 connections have no header wait to time (frames flow while idle).
-    multiplexed: std::sync::atomic::AtomicBool,
-    /// The connection's `max_connections` slot: held by the connection and by a tunnel that
-    /// outlives it (an upgraded connection still counts).
-    _permit: Option<OwnedSemaphorePermit>,
-    /// The peer's address as a header value, for `X-Forwarded-For` (made once).
-    peer_value: std::sync::OnceLock<HeaderValue>,
-}
-
-impl ConnActivity {
-    /// A new connection: the header timeout runs from now for its first request.
-    pub fn new(permit: Option<OwnedSemaphorePermit>, now_ms: u64) -> ConnActivity {
-        let c = ConnActivity { _permit: permit, ..ConnActivity::default() };
-        c.head_since_ms.store(now_ms, Ordering::Relaxed);
-        c.idle_since_ms.store(now_ms, Ordering::Relaxed);
-        c
-    }
-
-    /// Restart the first request's header clock (after the TLS handshake).
-    pub fn first_request_clock(&self, now_ms: u64) {
-        self.head_since_ms.store(now_ms, Ordering::Relaxed);
-        self.idle_since_ms.store(now_ms, Ordering::Relaxed);
-    }
-
-    /// Bytes arrived from the client: between requests on HTTP/1 they start a request head.
-    /// The clock is read only then (not on every read).
-    pub fn bytes_received(&self, clock: &Clock) {
-        if !self.multiplexed.load(Ordering::Relaxed)
-            && self.in_flight.load(Ordering::Acquire) == 0
-            && self.head_since_ms.load(Ordering::Relaxed) == NOT_WAITING
-        {
-            self.head_since_ms.store(clock.now_ms(), Ordering::Relaxed);
-        }
-    }
-
-    /// How long a request head has been arriving, if one is.
-    pub fn head_wait_ms(&self, now_ms: u64) -> Option<u64> {
-        let since = self.head_since_ms.load(Ordering::Relaxed);
-        (since != NOT_WAITING && !self.multiplexed.load(Ordering::Relaxed)).then(|| now_ms.saturating_sub(since))
-    }
-
-    fn request_started(&self, version: http::Version) {
-        self.head_since_ms.store(NOT_WAITING, Ordering::Relaxed);
-        if version == http::Version::HTTP_2 {
-            self.multiplexed.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Is a request (or a stream) in flight on this connection?
-    pub fn busy(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) > 0
-    }
-
-    /// Milliseconds idle at `now_ms`, or `None` while a request is in flight.
-    pub fn idle_ms(&self, now_ms: u64) -> Option<u64> {
-        (self.in_flight.load(Ordering::Acquire) == 0)
-            .then(|| now_ms.saturating_sub(self.idle_since_ms.load(Ordering::Acquire)))
-    }
-
-    /// The peer's address as a header value (one connection has one peer).
-    pub fn peer_value(&self, peer: SocketAddr) -> &HeaderValue {
-        self.peer_value.get_or_init(|| upstream::peer_value(peer))
-    }
-
-    pub fn touch(&self, now_ms: u64) {
-        self.idle_since_ms.store(now_ms, Ordering::Release);
-    }
-}
-
-const NOT_WAITING: u64 = u64::MAX;
 
 /// Lives as long as a request and its response body: in-flight accounting, then, when the body
 /// ends, fails or is dropped, the access-log line and the request metrics (pingora's logging
@@ -229,7 +149,7 @@ impl Drop for Observer {
             crate::http::body::BodyGuard::finished(self, BodyEnd::ClientAborted);
         }
         self.gateway.metrics.http_in_flight.dec();
-        if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.conn.request_ended() {
             let clock = &self.gateway.clock;
             self.conn.touch(self.ended.map_or_else(|| clock.now_ms(), |at| clock.ms_at(at)));
         }
@@ -239,31 +159,6 @@ impl Drop for Observer {
 thread_local! {
     /// The access-log line of this worker thread, reused.
     static ACCESS_LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
-}
-
-/// A monotonic millisecond clock shared by connections.
-#[derive(Debug)]
-pub struct Clock(Instant);
-
-impl Clock {
-    pub fn new() -> Clock {
-        Clock(Instant::now())
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        self.0.elapsed().as_millis() as u64
-    }
-
-    /// `at` on this clock (what [`Clock::now_ms`] said then).
-    pub fn ms_at(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.0).as_millis() as u64
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// Everything a request needs, shared by all connections.
@@ -366,7 +261,6 @@ impl Gateway {
     ) -> Result<Response<GateBody>, Infallible> {
         let started = Instant::now();
         self.metrics.http_in_flight.inc();
-        conn.in_flight.fetch_add(1, Ordering::AcqRel);
         conn.request_started(req.version());
 
         let peer_trusted = upstream::peer_is_trusted(peer, &self.server.trusted_proxies);
@@ -529,10 +423,10 @@ impl Gateway {
             return Err(GateError::HeadersTooLarge);
         }
         let host = hygiene::request_host(req.version(), req.uri(), req.headers(), &self.server.hosts)?;
-        let normalised = match hygiene::normalize_path(req.uri().path()) {
+        let normalised = match crate::http::path::normalize_path(req.uri().path()) {
             Ok(std::borrow::Cow::Owned(p)) => Some(p),
             Ok(std::borrow::Cow::Borrowed(_)) => None,
-            Err(hygiene::UnsafePath) => return Err(GateError::BadRequest("Bad request")),
+            Err(crate::http::path::UnsafePath) => return Err(GateError::BadRequest("Bad request")),
         };
         if let Some(path) = normalised {
             *req.uri_mut() = hygiene::with_path(req.uri(), &path)?;

@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
-use crate::auth::Identity;
 use crate::config::{Algorithm, LimitKey, OnStoreError, PolicySettings, RateLimitSettings, RateLimitStore};
 use crate::http::error::GateError;
 use crate::obs::audit::{Audit, AuditEvent, AuditKind};
 use crate::obs::metrics::Metrics;
+use crate::request::context::Identity;
 use crate::request::context::RequestContext;
 use crate::request::routes::Route;
 use crate::transport::redis::{RedisStore, StoreError};

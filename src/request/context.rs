@@ -1,4 +1,5 @@
-//! What the pipeline knows about one request, handed to every phase.
+//! What the pipeline knows about one request, handed to every phase, and who made it
+//! ([`Identity`], as authentication established it).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -23,5 +24,21 @@ pub struct RequestContext {
 impl RequestContext {
     pub fn request_id(&self) -> &str {
         self.request_id.to_str().unwrap_or("-")
+    }
+}
+
+/// The signed-in user, as the introspection answer described them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    /// `[auth.claims]` values that resolved, by claim name (string, number or boolean).
+    pub claims: Vec<(String, serde_json::Value)>,
+}
+
+impl Identity {
+    pub fn claim(&self, name: &str) -> Option<&serde_json::Value> {
+        self.claims.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 }

@@ -1,10 +1,26 @@
 //! The route table: first match by path prefix on segment boundaries, on the normalised path
-//! ([`crate::request::hygiene::normalize_path`]); the gate's own ChatKit paths match exactly.
+//! ([`crate::http::path::normalize_path`]); the gate's own ChatKit paths match exactly.
 
 use std::sync::Arc;
 
-use crate::chatkit::Endpoint;
 use crate::config::{Config, RouteAuth, Unauthenticated};
+
+/// The gate's own ChatKit endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Session,
+    Refresh,
+}
+
+impl Endpoint {
+    /// The `endpoint` metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Session => "session",
+            Endpoint::Refresh => "refresh",
+        }
+    }
+}
 
 /// What a matched route leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +107,7 @@ impl RouteTable {
             return r;
         }
         let last = rest.len() - 1;
-        rest[..last].iter().find(|r| crate::request::hygiene::prefix_matches(&r.path, path)).unwrap_or(&rest[last])
+        rest[..last].iter().find(|r| crate::http::path::prefix_matches(&r.path, path)).unwrap_or(&rest[last])
     }
 
     pub fn all(&self) -> &[Arc<Route>] {

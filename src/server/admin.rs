@@ -11,6 +11,12 @@ use hyper::body::Incoming;
 use crate::http::body::GateBody;
 use crate::obs::metrics::Metrics;
 use crate::pipeline::Gateway;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 /// Readiness as the orchestrator sees it.
 #[derive(Debug, Default)]
@@ -68,4 +74,49 @@ fn text(status: StatusCode, body: &str) -> Response<GateBody> {
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+/// The admin listener: HTTP/1.1 only, the same header timeout as the public one (here hyper's
+/// own timer is right: an idle scrape connection may be closed), and its own connection cap so
+/// a flood of half-open connections cannot starve `/healthz` of file descriptors for long.
+pub(crate) async fn admin_loop(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    stop: CancellationToken,
+    header_timeout: Duration,
+    max_connections: usize,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(16 * 1024);
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let mut refused_logged = std::time::Instant::now() - Duration::from_secs(60);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // Full: close at once rather than queue (a queued probe would time out anyway).
+            admin.metrics.admin_connections_refused.inc();
+            if refused_logged.elapsed() >= Duration::from_secs(10) {
+                refused_logged = std::time::Instant::now();
+                tracing::warn!(max_connections, "admin listener full: refusing connections");
+            }
+            drop(stream);
+            continue;
+        };
+        let admin = admin.clone();
+        let conn = http.serve_connection(TokioIo::new(stream), service_fn(move |req| admin.clone().serve(req)));
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = conn.await;
+        });
+    }
 }

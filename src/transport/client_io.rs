@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::pipeline::{Clock, ConnActivity};
+use crate::transport::conn::{Clock, ConnActivity};
 
 /// Lingering close: stop after this much discarded data, this long without data, or in all.
 const LINGER_MAX_BYTES: usize = 4 << 20;

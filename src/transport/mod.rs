@@ -2,7 +2,9 @@
 //! the outbound HTTPS client (introspection, OpenAI) and Redis.
 
 pub mod client_io;
+pub mod conn;
 pub mod https_client;
 pub mod redis;
 pub mod tls;
 pub mod tunnel;
+pub mod workers;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::pipeline::Clock;
+use crate::transport::conn::Clock;
 
 /// An IO that stamps the shared clock whenever bytes move through it.
 struct Stamped<'a, T> {

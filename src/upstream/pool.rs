@@ -20,8 +20,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::http::body::{AppBody, GateBody};
-use crate::http::h1;
+use crate::http::body::{AppBody, GateBody, IdleShelf, Lent};
+use crate::http::h1::{self, Home, LeanShelf};
 use crate::transport::https_client::Replay;
 
 /// Why a request did not get an answer from the app.
@@ -101,36 +101,17 @@ pub(crate) fn take_parts(parts: &mut http::request::Parts) -> http::request::Par
     std::mem::replace(parts, Request::new(()).into_parts().0)
 }
 
-/// Where a lean connection goes back once its answer has been read (see [`h1::exchange`]).
-pub struct Home {
-    pool: Weak<Inner>,
-    worker: usize,
-}
-
-impl Home {
-    pub fn put(self, conn: Box<h1::Conn>) {
-        if let Some(pool) = self.pool.upgrade() {
-            let mut idle = pool.lean[self.worker].lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < pool.max_idle {
-                idle.push(LeanIdle { conn, since: Instant::now() });
-            }
-        }
+impl IdleShelf for Inner {
+    fn put_idle(&self, worker: usize, tx: http1::SendRequest<GateBody>) {
+        self.put(worker, tx);
     }
 }
 
-/// A connection lent to one exchange; given back with [`Lent::give_back`] once its answer's
-/// body has ended, dropped (and so closed) otherwise.
-pub struct Lent {
-    pool: Weak<Inner>,
-    tx: http1::SendRequest<GateBody>,
-    /// The worker whose idle connections it goes back to.
-    worker: usize,
-}
-
-impl Lent {
-    pub fn give_back(self) {
-        if let Some(pool) = self.pool.upgrade() {
-            pool.put(self.worker, self.tx);
+impl LeanShelf for Inner {
+    fn put_lean(&self, worker: usize, conn: Box<h1::Conn>) {
+        let mut idle = self.lean[worker].lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push(LeanIdle { conn, since: Instant::now() });
         }
     }
 }
@@ -216,7 +197,7 @@ impl AppPool {
     }
 
     fn home(&self, worker: usize) -> Home {
-        Home { pool: Arc::downgrade(&self.inner), worker }
+        Home::new(Arc::downgrade(&self.inner) as Weak<dyn LeanShelf>, worker)
     }
 
     async fn send_hyper(
@@ -282,7 +263,7 @@ impl AppPool {
         tx: http1::SendRequest<GateBody>,
         worker: usize,
     ) -> Response<AppBody> {
-        let lent = Lent { pool: Arc::downgrade(&self.inner), tx, worker };
+        let lent = Lent::new(Arc::downgrade(&self.inner) as Weak<dyn IdleShelf>, tx, worker);
         resp.map(|body| AppBody::hyper(body, lent))
     }
 
@@ -320,7 +301,7 @@ impl AppPool {
 impl Inner {
     /// The current worker's idle connections.
     fn slot(&self) -> usize {
-        crate::server::worker_index() % self.idle.len()
+        crate::transport::workers::worker_index() % self.idle.len()
     }
 
     /// The most recently used ready connection of `worker`; closed and expired ones are dropped

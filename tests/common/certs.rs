@@ -222,7 +222,7 @@ fn date_from_today(days: i64) -> ((i32, u8, u8), i64) {
 
 /// Days since 1970-01-01 to (year, month, day): the gate's own date arithmetic.
 fn civil_from_days(days: i64) -> (i32, u8, u8) {
-    let (y, m, d) = chatkit_gate::obs::audit::civil_from_days(days);
+    let (y, m, d) = chatkit_gate::obs::time::civil_from_days(days);
     (y as i32, m as u8, d as u8)
 }
 

@@ -24,8 +24,35 @@ use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::http::body::BoxError;
-use crate::upstream::pool::Home;
+use std::sync::Weak;
+
+/// Errors a streamed body can yield.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a lean connection goes back once its answer has been read: the app pool, seen from
+/// below (the pool implements it).
+pub trait LeanShelf: Send + Sync {
+    /// Keep `conn` as an idle lean connection of `worker`'s (or drop it, when full).
+    fn put_lean(&self, worker: usize, conn: Box<Conn>);
+}
+
+/// Where a lean connection goes back once its answer has been read (see [`exchange`]).
+pub struct Home {
+    shelf: Weak<dyn LeanShelf>,
+    worker: usize,
+}
+
+impl Home {
+    pub fn new(shelf: Weak<dyn LeanShelf>, worker: usize) -> Home {
+        Home { shelf, worker }
+    }
+
+    pub fn put(self, conn: Box<Conn>) {
+        if let Some(shelf) = self.shelf.upgrade() {
+            shelf.put_lean(self.worker, conn);
+        }
+    }
+}
 
 /// The largest answer head read: hyper's default read buffer limit, so that the same answers
 /// pass either way.
