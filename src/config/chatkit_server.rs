@@ -5,124 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Deserialize;
-
-use super::validate::{Errors, check_policy_names};
-use super::{RateLimitSettings, parse_duration};
-
-/// Every request type `openai-chatkit` 1.6 accepts (`chatkit/types.py`, `ChatKitReq`), the
-/// streaming ones first.
-pub const CHATKIT_TYPES: &[&str] = &[
-    // Streaming (`StreamingReq`): the answer is an SSE stream; model work happens here.
-    "threads.create",
-    "threads.add_user_message",
-    "threads.retry_after_item",
-    "threads.add_client_tool_output",
-    "threads.add_structured_input",
-    "threads.custom_action",
-    // Non-streaming (`NonStreamingReq`).
-    "threads.get_by_id",
-    "threads.list",
-    "items.list",
-    "items.feedback",
-    "attachments.create",
-    "attachments.delete",
-    "threads.update",
-    "threads.delete",
-    "input.transcribe",
-    "threads.sync_custom_action",
-];
-
-/// The types whose answer is an SSE stream: the first six of [`CHATKIT_TYPES`].
-pub const STREAMING_TYPES: &[&str] = CHATKIT_TYPES.split_at(6).0;
-
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct RawChatKitServer {
-    pub(super) max_body_bytes: Option<u64>,
-    #[serde(default)]
-    pub(super) max_body_bytes_by_type: BTreeMap<String, u64>,
-    pub(super) unknown_types: Option<String>,
-    pub(super) max_list_limit: Option<u64>,
-    pub(super) max_message_chars: Option<u64>,
-    pub(super) max_attachments: Option<u64>,
-    pub(super) max_concurrent_streams: Option<u64>,
-    pub(super) stream_lease_ttl: Option<String>,
-    pub(super) limit_response: Option<String>,
-    #[serde(default)]
-    pub(super) rate_limit: BTreeMap<String, Vec<String>>,
-    pub(super) models: Option<RawModels>,
-    pub(super) thread_ownership: Option<bool>,
-    pub(super) thread_ownership_ttl: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct RawModels {
-    pub(super) claim: Option<String>,
-    pub(super) default: Option<Vec<String>>,
-    #[serde(default)]
-    pub(super) allow: BTreeMap<String, Vec<String>>,
-}
-
-/// How a limit on a streaming type is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitResponse {
-    /// HTTP 200 `text/event-stream` with one ChatKit `error` event: the widget shows it in the
-    /// thread (with a retry button when `allow_retry`).
-    Sse,
-    /// The gate's usual JSON answer (429 with `Retry-After`, 403, 413, 400).
-    Json,
-}
-
-/// Which models a user may ask for in `params.input.inference_options.model`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelRule {
-    /// An `[auth.claims]` name.
-    pub claim: String,
-    /// By claim value (as a string): the models allowed; `"*"` allows any.
-    pub allow: BTreeMap<String, Vec<String>>,
-    /// For a missing claim or a value not in `allow`; `None` allows no explicit model.
-    pub default: Option<Vec<String>>,
-}
-
-impl ModelRule {
-    /// Whether `model` may be used by a user whose claim is `value`.
-    pub fn allows(&self, value: Option<&str>, model: &str) -> bool {
-        let list = value.and_then(|v| self.allow.get(v)).or(self.default.as_ref());
-        list.is_some_and(|l| l.iter().any(|m| m == "*" || m == model))
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ChatKitServerSettings {
-    /// Largest body read for any type without an override.
-    pub max_body_bytes: usize,
-    pub max_body_bytes_by_type: BTreeMap<String, usize>,
-    /// Forward types this gate does not know (a newer SDK) instead of answering 400.
-    pub allow_unknown_types: bool,
-    pub max_list_limit: Option<u64>,
-    pub max_message_chars: Option<u64>,
-    pub max_attachments: Option<u64>,
-    pub max_concurrent_streams: Option<u32>,
-    pub stream_lease_ttl: Duration,
-    pub limit_response: LimitResponse,
-    /// Extra rate-limit policies by request type, checked with the route's in one round trip.
-    pub rate_limit: BTreeMap<String, Vec<String>>,
-    pub models: Option<ModelRule>,
-    /// Remember who created each thread and answer 403 to another user's `params.thread_id`.
-    pub thread_ownership: bool,
-    pub thread_ownership_ttl: Duration,
-}
-
-impl ChatKitServerSettings {
-    /// The most any request may send (what is read before the type is known).
-    pub fn read_limit(&self) -> usize {
-        self.max_body_bytes_by_type.values().copied().fold(self.max_body_bytes, usize::max)
-    }
-
-    pub fn body_limit(&self, kind: &str) -> usize {
-        self.max_body_bytes_by_type.get(kind).copied().unwrap_or(self.max_body_bytes)
-    }
-}
+use crate::config::errors::{Errors, check_policy_names, parse_duration};
+use crate::config::raw::RawChatKitServer;
+use crate::config::settings::{CHATKIT_TYPES, ChatKitServerSettings, LimitResponse, ModelRule, RateLimitSettings};
 
 fn known_type(e: &mut Errors, key: &str, t: &str) -> bool {
     if CHATKIT_TYPES.contains(&t) {
@@ -275,7 +160,7 @@ mod tests {
         let c = Config::from_toml(&format!("{BASE}[routes.chatkit_server]\n")).unwrap();
         let s = c.routes[0].chatkit_server.as_ref().unwrap();
         assert_eq!((s.max_body_bytes, s.allow_unknown_types, s.read_limit()), (65536, false, 65536));
-        assert_eq!(s.limit_response, super::LimitResponse::Sse);
+        assert_eq!(s.limit_response, crate::config::settings::LimitResponse::Sse);
     }
 
     #[test]
@@ -300,7 +185,7 @@ mod tests {
 
     #[test]
     fn model_rule_uses_the_claim_then_the_default() {
-        let rule = super::ModelRule {
+        let rule = crate::config::settings::ModelRule {
             claim: "tier".into(),
             allow: [("free".to_string(), vec!["small".to_string()]), ("pro".to_string(), vec!["*".to_string()])].into(),
             default: None,

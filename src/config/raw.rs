@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::ChatKitConfiguration;
+use crate::config::settings::ChatKitConfiguration;
 
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct RawConfig {
@@ -108,7 +108,7 @@ pub(super) struct RawRoute {
     pub(super) unauthenticated: Option<String>,
     #[serde(default)]
     pub(super) rate_limit: Vec<String>,
-    pub(super) chatkit_server: Option<super::chatkit_server::RawChatKitServer>,
+    pub(super) chatkit_server: Option<RawChatKitServer>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,4 +166,31 @@ pub(super) struct RawLog {
     pub(super) format: Option<String>,
     pub(super) level: Option<String>,
     pub(super) audit_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawChatKitServer {
+    pub(super) max_body_bytes: Option<u64>,
+    #[serde(default)]
+    pub(super) max_body_bytes_by_type: BTreeMap<String, u64>,
+    pub(super) unknown_types: Option<String>,
+    pub(super) max_list_limit: Option<u64>,
+    pub(super) max_message_chars: Option<u64>,
+    pub(super) max_attachments: Option<u64>,
+    pub(super) max_concurrent_streams: Option<u64>,
+    pub(super) stream_lease_ttl: Option<String>,
+    pub(super) limit_response: Option<String>,
+    #[serde(default)]
+    pub(super) rate_limit: BTreeMap<String, Vec<String>>,
+    pub(super) models: Option<RawModels>,
+    pub(super) thread_ownership: Option<bool>,
+    pub(super) thread_ownership_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawModels {
+    pub(super) claim: Option<String>,
+    pub(super) default: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) allow: BTreeMap<String, Vec<String>>,
 }

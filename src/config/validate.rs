@@ -4,78 +4,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::{HeaderValue, Uri};
+use http::HeaderValue;
 use ipnet::IpNet;
 
-use super::optional::{validate_auth, validate_chatkit, validate_rate_limit};
-use super::raw::*;
-use super::*;
-
-/// The problems found so far.
-#[derive(Default)]
-pub(super) struct Errors(pub(super) Vec<ConfigError>);
-
-impl Errors {
-    pub(super) fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigError { key: key.into(), message: message.into() });
-    }
-
-    pub(super) fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
-        match value {
-            None => default,
-            Some(v) => match parse_duration(v) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.push(key, e);
-                    default
-                }
-            },
-        }
-    }
-
-    pub(super) fn addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
-        match value.parse() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.push(key, format!("invalid address {value:?}: expected e.g. \"0.0.0.0:8443\""));
-                None
-            }
-        }
-    }
-
-    pub(super) fn positive_duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
-        let d = self.duration(key, value, default);
-        if d.is_zero() {
-            self.push(key, "must be greater than 0");
-            return default;
-        }
-        d
-    }
-
-    pub(super) fn http_url(&mut self, key: &str, value: &str, https_ok: bool) -> Option<Uri> {
-        let uri: Uri = match value.parse() {
-            Ok(u) => u,
-            Err(e) => {
-                self.push(key, format!("invalid URL {value:?}: {e}"));
-                return None;
-            }
-        };
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") if https_ok => {}
-            _ => {
-                let allowed = if https_ok { "http:// or https://" } else { "http://" };
-                self.push(key, format!("URL must start with {allowed}"));
-                return None;
-            }
-        }
-        if uri.authority().is_none() {
-            self.push(key, "URL has no host");
-            return None;
-        }
-        Some(uri)
-    }
-}
+use crate::config::auth::validate_auth;
+use crate::config::chatkit::validate_chatkit;
+use crate::config::chatkit_server::validate_chatkit_server;
+use crate::config::errors::{Errors, check_policy_names};
+use crate::config::rate_limit::validate_rate_limit;
+use crate::config::raw::*;
+use crate::config::settings::*;
 
 pub(super) fn validate(raw: RawConfig, e: &mut Errors) -> Option<Config> {
     let server = validate_server(raw.server, e);
@@ -388,24 +326,11 @@ pub(super) fn validate_routes(
         if routes.iter().any(|x| x.name == name) {
             e.push(format!("{key}.name"), format!("duplicate route name {name:?}"));
         }
-        let chatkit_server = r.chatkit_server.map(|c| {
-            super::chatkit_server::validate_chatkit_server(&format!("{key}.chatkit_server"), c, rate_limit, e)
-        });
+        let chatkit_server =
+            r.chatkit_server.map(|c| validate_chatkit_server(&format!("{key}.chatkit_server"), c, rate_limit, e));
         routes.push(RouteSettings { name, path, auth, unauthenticated, rate_limit: r.rate_limit, chatkit_server });
     }
     routes
-}
-
-pub(super) fn check_policy_names(key: &str, names: &[String], rate_limit: Option<&RateLimitSettings>, e: &mut Errors) {
-    for (j, p) in names.iter().enumerate() {
-        match rate_limit {
-            None => e.push(format!("{key}[{j}]"), format!("policy {p:?} named but there is no [rate_limit] section")),
-            Some(rl) if !rl.policies.contains_key(p) => {
-                e.push(format!("{key}[{j}]"), format!("unknown policy {p:?} (not in rate_limit.policies)"))
-            }
-            Some(_) => {}
-        }
-    }
 }
 
 pub(super) fn validate_log(raw: RawLog, e: &mut Errors) -> LogSettings {
