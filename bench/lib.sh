@@ -7,6 +7,7 @@
 #   bench_port_free PORT...         exit 1 if something already listens there (a stale run)
 #   bench_backend PORT [LOCATIONS]  nginx backend on 127.0.0.1:PORT (default: "hello" and /auth JSON)
 #   bench_nginx NAME CONF PORT...   start nginx -c CONF in the foreground, wait for PORTs
+#   bench_proc NAME PORT... -- CMD...   start any other server CMD (output to $TMP/NAME.log), wait for PORTs
 #   bench_gate_toml FILE PORT ADMIN UPSTREAM_PORT [SERVER_LINES]   a minimal gate config
 #   bench_gate NAME CONF ADMIN [LEVEL [STDOUT]]   start the gate (one worker thread), wait for /readyz
 #
@@ -105,6 +106,21 @@ bench_nginx() {
         sleep 0.1
     done
     for w in $(ps -o pid= --ppid "$pid"); do EXTRA_PIDS+=("$w"); done
+}
+
+# bench_proc NAME PORT... -- COMMAND [ARG...]: a server that stays in the foreground (one process:
+# HAProxy -db, caddy run), its output to $TMP/NAME.log; `env VAR=x cmd` keeps the PID (env execs).
+bench_proc() {
+    local name="$1" ports=() port pid
+    shift
+    while [ "$#" -gt 0 ] && [ "$1" != -- ]; do ports+=("$1"); shift; done
+    shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    pid=$!; PIDS+=("$pid"); BENCH_PID[$name]=$pid
+    for port in "${ports[@]}"; do
+        bench_wait_tcp "$port" "$pid" || {
+            echo "$name did not come up on $port:" >&2; tail -n 5 "$TMP/$name.log" >&2; exit 1; }
+    done
 }
 
 # The default backend: a small body on /, a signed-in user on /auth (the introspection answer).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # chatkit-gate vs nginx on the same machine, same backend, same TLS cert, one worker each,
 # loopback only; prints every row of the performance goals table (bench/README.md) with
-# PASS/FAIL, in one run of about 6 minutes at the defaults.
+# PASS/FAIL, and the gate beside the other peers a user would pick instead (HAProxy, Caddy:
+# rows 1c, 1d, 2c, 2d), in one run of about 8 minutes at the defaults.
 #
 #   bench/proxy-vs-nginx.sh [duration=10s] [connections=64]
 #
@@ -16,15 +17,17 @@
 #   BENCH_QUICK=1       wait 5 s instead of 60 s before the "RSS after the connections close" sample
 #   BENCH_MEM_CONNS=N   idle TLS connections for the memory rows (default 1000)
 #   BENCH_KEEP_TMP=1    keep the temp dir (configs, raw wrk/h2load output, logs)
+#   BENCH_PEERS="haproxy caddy"   the peers to run besides nginx (default both; empty: none)
 #
-# Needs: nginx, wrk, h2load (nghttp2-client), openssl, curl, python3; redis-server for row 3.
+# Needs: nginx, wrk, h2load (nghttp2-client), openssl, curl, python3; redis-server for row 3;
+# haproxy and caddy for the peer rows (each skipped, with the reason, when it is not installed).
 # The plain rows have access logs off on both sides (the gate at --log-level warn); row 5 turns
 # them on. Every load loop has a fixed duration; every process started is stopped by PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 
-INVOKED="$(for v in GATE_BIN GATE BENCH_ROUNDS BENCH_WORKERS BENCH_QUICK BENCH_MEM_CONNS; do [ -n "${!v:-}" ] && printf '%s=%q ' "$v" "${!v}"; done; printf '%q' "$0"; for a in "$@"; do printf ' %q' "$a"; done)"
+INVOKED="$(for v in GATE_BIN GATE BENCH_ROUNDS BENCH_WORKERS BENCH_QUICK BENCH_MEM_CONNS BENCH_PEERS; do [ -n "${!v:-}" ] && printf '%s=%q ' "$v" "${!v}"; done; printf '%q' "$0"; for a in "$@"; do printf ' %q' "$a"; done)"
 DURATION="${1:-10s}"
 CONNS="${2:-64}"
 THREADS=1
@@ -51,18 +54,48 @@ esac
 
 bench_need nginx wrk h2load openssl curl python3 awk ps
 HAVE_REDIS=; command -v redis-server >/dev/null && HAVE_REDIS=1
+# The peers (rows 1c, 1d, 2c, 2d): each one runs when BENCH_PEERS names it and it is installed;
+# otherwise its rows say why they were skipped.
+PEERS="${BENCH_PEERS-haproxy caddy}"; PEERS="${PEERS//,/ }"
+for p in $PEERS; do case "$p" in haproxy|caddy) ;; *) echo "BENCH_PEERS: haproxy and/or caddy, not $p" >&2; exit 1 ;; esac; done
+declare -A PEER_SKIP=()
+for p in haproxy caddy; do
+    if [[ " $PEERS " != *" $p "* ]]; then PEER_SKIP[$p]="skipped (not in BENCH_PEERS)"
+    elif ! command -v "$p" >/dev/null; then
+        PEER_SKIP[$p]="skipped ($p not installed)"
+        echo "$p is not installed: its rows are skipped (Debian: apt-get install -y $p)" >&2
+    fi
+done
+HAVE_HAPROXY=; [ -z "${PEER_SKIP[haproxy]:-}" ] && HAVE_HAPROXY=1
+HAVE_CADDY=; [ -z "${PEER_SKIP[caddy]:-}" ] && HAVE_CADDY=1
 need_fds=$(( MEM_CONNS * 2 + 1024 ))
 if [ "$(ulimit -n)" -lt "$need_fds" ]; then ulimit -n "$need_fds" 2>/dev/null || ulimit -n "$(ulimit -Hn)"; fi
 [ "$(ulimit -n)" -ge $(( MEM_CONNS + 256 )) ] || { echo "ulimit -n $(ulimit -n) is too low for $MEM_CONNS connections" >&2; exit 1; }
 
-bench_port_free 18080 18443 18444 18445 18446 19443 19444 19445 19446 19447 19090 19091 19092 19093 19094 16379
+bench_port_free 18080 18443 18444 18445 18446 19443 19444 19445 19446 19447 19090 19091 19092 19093 19094 16379 \
+    ${HAVE_HAPROXY:+18450} ${HAVE_CADDY:+18451 18452 18453}
 bench_init
 bench_gate_bin
 bench_cert
 LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ---------------------------------------------------------------- processes
-bench_backend 18080
+# The backend: lib.sh's default (the body on /, the introspection answer on /auth), plus what the
+# peers need and the checks read. /auth also sends the user as a header, X-Auth-Request-User,
+# which Caddy's forward_auth copies onto the proxied request (the gate reads the JSON body; nginx's
+# auth_request here copies nothing). /bench/status: nginx's request and connection counters
+# (stub_status), read around every measured run: how many backend requests and new backend
+# connections each client request cost. /bench/user echoes the header the app received;
+# /bench/deny is an introspection endpoint that refuses (only the checks below use these three).
+# shellcheck disable=SC2016   # $http_x_auth_request_user is nginx's
+BACKEND_LOCATIONS='location / { return 200 "hello from the backend\n"; }
+    location = /auth { default_type application/json; add_header X-Auth-Request-User u1;
+      return 200 '"'"'{"user":{"id":"u1","name":"Bench"}}'"'"'; }
+    location = /bench/status { stub_status; }
+    location = /bench/user { return 200 "user=$http_x_auth_request_user\n"; }
+    location = /bench/deny { return 401 "denied\n"; }'
+BODY="hello from the backend"
+bench_backend 18080 "$BACKEND_LOCATIONS"
 
 # nginx as the TLS reverse proxy (pooled keep-alive upstream, as operators configure it):
 # 18443 plain, 18444 authenticated the nginx way (auth_request on every request, nginx has no
@@ -137,6 +170,110 @@ bench_gate gate-auth "$TMP/gate-auth.toml" 19091
 bench_gate gate-log "$TMP/gate-log.toml" 19093 info "$TMP/gate-access.log"   # access log: info, to a file
 [ -n "$HAVE_REDIS" ] && bench_gate gate-rl "$TMP/gate-rl.toml" 19092
 
+# The peers, configured as an operator tuning for throughput would, with the same CPU budget as
+# nginx's worker processes and the gate's worker threads ($WORKERS), the same certificate, the same
+# backend, keep-alive to the backend, access logs off (bench/README.md, "The peers").
+if [ -n "$HAVE_HAPROXY" ]; then
+    # HAProxy: one process, nbthread threads; TLS terminated on the frontend; idle backend
+    # connections shared between client connections (http-reuse always); no log lines configured.
+    # It has no forward auth of its own (row 2c): only the plain proxy.
+    cat "$TMP/cert.pem" "$TMP/key.pem" > "$TMP/haproxy.pem"
+    cat > "$TMP/haproxy.cfg" <<HAP
+global
+    nbthread $WORKERS
+    maxconn 4096
+    tune.ssl.default-dh-param 2048
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 120s
+    timeout server 30s
+    timeout http-request 30s
+    timeout http-keep-alive 120s
+
+frontend plain
+    bind 127.0.0.1:18450 ssl crt $TMP/haproxy.pem alpn h2,http/1.1
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    default_backend app
+
+backend app
+    server backend 127.0.0.1:18080
+HAP
+    haproxy -c -q -f "$TMP/haproxy.cfg" || { echo "haproxy -c: $TMP/haproxy.cfg is not valid" >&2; exit 1; }
+    bench_proc haproxy 18450 -- haproxy -db -f "$TMP/haproxy.cfg"   # -db: foreground, one process
+fi
+if [ -n "$HAVE_CADDY" ]; then
+    # Caddy: GOMAXPROCS threads run Go code at once (Go's own knob, the fair equivalent of one
+    # worker); offline on loopback: no admin API, no automatic HTTPS/ACME/OCSP, no HTTP/3 (UDP),
+    # the given certificate, and its state (HOME, XDG dirs, storage) inside $TMP. The backend pool
+    # keeps up to 64 idle connections, set explicitly like nginx's `keepalive 64`.
+    # 18451 plain, 18452 forward_auth to the backend's /auth with the user header copied,
+    # 18453 forward_auth to /bench/deny (only the deny check below uses it).
+    mkdir -p "$TMP/caddy/data" "$TMP/caddy/config"
+    cat > "$TMP/Caddyfile" <<CADDY
+{
+	admin off
+	auto_https off
+	ocsp_stapling off
+	grace_period 1s
+	storage file_system $TMP/caddy/data
+	servers {
+		protocols h1 h2
+	}
+	log {
+		output stderr
+		level WARN
+	}
+}
+(pool) {
+	transport http {
+		keepalive 120s
+		keepalive_idle_conns 64
+		keepalive_idle_conns_per_host 64
+	}
+}
+https://:18451 {
+	bind 127.0.0.1
+	tls $TMP/cert.pem $TMP/key.pem
+	reverse_proxy 127.0.0.1:18080 {
+		import pool
+	}
+}
+https://:18452 {
+	bind 127.0.0.1
+	tls $TMP/cert.pem $TMP/key.pem
+	forward_auth 127.0.0.1:18080 {
+		uri /auth
+		copy_headers X-Auth-Request-User
+		import pool
+	}
+	reverse_proxy 127.0.0.1:18080 {
+		import pool
+	}
+}
+https://:18453 {
+	bind 127.0.0.1
+	tls $TMP/cert.pem $TMP/key.pem
+	forward_auth 127.0.0.1:18080 {
+		uri /bench/deny
+		copy_headers X-Auth-Request-User
+		import pool
+	}
+	reverse_proxy 127.0.0.1:18080 {
+		import pool
+	}
+}
+CADDY
+    CADDY_ENV=(env HOME="$TMP/caddy" XDG_DATA_HOME="$TMP/caddy/data" XDG_CONFIG_HOME="$TMP/caddy/config" GOMAXPROCS="$WORKERS")
+    "${CADDY_ENV[@]}" caddy validate --config "$TMP/Caddyfile" --adapter caddyfile >"$TMP/caddy-validate.log" 2>&1 || {
+        echo "caddy validate: $TMP/Caddyfile is not valid:" >&2; tail -n 5 "$TMP/caddy-validate.log" >&2; exit 1; }
+    bench_proc caddy 18451 18452 18453 -- "${CADDY_ENV[@]}" caddy run --config "$TMP/Caddyfile" --adapter caddyfile
+fi
+
 # Sanity: every endpoint answers 200 with the cookie, the gate's auth refuses without it.
 for port in 18443 18444 18445 18446 19443 19444 19446 19447 ${HAVE_REDIS:+19445}; do
     code="$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 -H "$COOKIE" "https://127.0.0.1:$port/")"
@@ -144,6 +281,32 @@ for port in 18443 18444 18445 18446 19443 19444 19446 19447 ${HAVE_REDIS:+19445}
 done
 code="$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 "https://127.0.0.1:19444/")"
 case "$code" in 200|000) echo "the auth gate answered $code without a cookie: auth is not enforced" >&2; exit 1 ;; esac
+# backend_counts: "accepts requests", the backend's connections accepted and requests read so far
+# (stub_status; reading it is one connection and one request more).
+backend_counts() { curl -s --max-time 5 http://127.0.0.1:18080/bench/status | awk 'NR == 3 {print $1, $3; f = 1} END {if (!f) print "n/a n/a"}'; }
+# peer_check PORT PATH CODE BODY WHAT: the status and the body (less its final newline) must be these.
+peer_check() {
+    local code body
+    code="$(curl -sk -o "$TMP/check.body" -w '%{http_code}' --max-time 5 -H "$COOKIE" "https://127.0.0.1:$1$2" || true)"
+    body="$(cat "$TMP/check.body" 2>/dev/null || true)"
+    if [ "$code" != "$3" ] || [ "$body" != "$4" ]; then
+        echo "$5: https://127.0.0.1:$1$2 answered $code \"$body\", not $3 \"$4\"" >&2; exit 1
+    fi
+}
+# The peers answer 200 with the backend's body. Caddy's forward_auth asks /auth for every request
+# (two backend requests for one), passes on the user header /auth sent, and refuses what the
+# introspection endpoint refuses, with its answer, without reaching the app.
+[ -n "$HAVE_HAPROXY" ] && peer_check 18450 / 200 "$BODY" "HAProxy"
+if [ -n "$HAVE_CADDY" ]; then
+    peer_check 18451 / 200 "$BODY" "Caddy reverse_proxy"
+    read -r _ req0 < <(backend_counts)
+    peer_check 18452 / 200 "$BODY" "Caddy forward_auth"
+    read -r _ req1 < <(backend_counts)
+    [ "$(( req1 - req0 - 1 ))" = 2 ] || { echo "Caddy forward_auth: one request made $(( req1 - req0 - 1 )) backend requests, not 2 (/auth, then /)" >&2; exit 1; }
+    peer_check 18452 /bench/user 200 "user=u1" "Caddy forward_auth, the user header copied from /auth"
+    peer_check 18451 /bench/user 200 "user=" "Caddy reverse_proxy, no user header without forward_auth"
+    peer_check 18453 / 401 "denied" "Caddy forward_auth to an endpoint that refuses"
+fi
 
 # ---------------------------------------------------------------- helpers
 nginx_pids() { echo "$1" $(ps -o pid= --ppid "$1"); }               # master + workers
@@ -165,6 +328,8 @@ declare -A RPS=() P99=() REQS=() CPU=() USR=() SYS=() BUSY=() VALID=() NOTE=() P
 # The rest of the machine during a wrk run: the client's (wrk's) and the backend's CPU per request
 # in µs, and the whole machine's busy share in % of all its cores.
 declare -A CLI=() BACK=() MBUSY=()
+# Backend requests and new backend connections per client request (the backend's stub_status).
+declare -A BREQ=() BCONN=()
 NCPU="$(nproc)"
 to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
     if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000; printf "%.2f", n }'; }
@@ -175,12 +340,13 @@ to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
 WRK_HOOK=
 wrk_run() {
     local key="$1" name="$2" url="$3" admin="$4" out="$TMP/wrk-$1.out" u0 s0 u1 s1 n2xx sock p secs
-    local bu0 bs0 bu1 bs1 ht0 hb0 ht1 hb1 wu ws TIMEFORMAT='%3U %3S'
+    local bu0 bs0 bu1 bs1 ht0 hb0 ht1 hb1 wu ws ba0 br0 ba1 br1 TIMEFORMAT='%3U %3S'
     shift 4
     sync   # an access-log run's dirty pages are written back now, not during the next measured run
     wrk -t"$THREADS" -c"$CONNS" -d2s -H "$COOKIE" "$url" >/dev/null 2>&1 || true   # warm up
     [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 0
     [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-0"
+    read -r ba0 br0 < <(backend_counts)
     read -r bu0 bs0 < <(cpu_ticks $BACKEND_PIDS)
     read -r ht0 _ hb0 < <(host_ticks)
     read -r u0 s0 < <(cpu_ticks "$@")
@@ -189,6 +355,7 @@ wrk_run() {
     read -r u1 s1 < <(cpu_ticks "$@")
     read -r ht1 _ hb1 < <(host_ticks)
     read -r bu1 bs1 < <(cpu_ticks $BACKEND_PIDS)
+    read -r ba1 br1 < <(backend_counts)
     read -r wu ws < <(tail -n 1 "$out.time")
     [ "$admin" != - ] && scrape "$admin" "$TMP/m-$key-1"
     [ -n "$WRK_HOOK" ] && "$WRK_HOOK" 1
@@ -202,7 +369,7 @@ wrk_run() {
     VALID[$key]=1; NOTE[$key]=""
     if ! has "${REQS[$key]}" || [ "${REQS[$key]}" -eq 0 ]; then
         VALID[$key]=; NOTE[$key]="wrk failed: $(tail -1 "$out")"; RPS[$key]=n/a; P99[$key]=n/a; CPU[$key]=n/a; USR[$key]=n/a; SYS[$key]=n/a; BUSY[$key]=n/a
-        CLI[$key]=n/a; BACK[$key]=n/a; MBUSY[$key]=n/a; return
+        CLI[$key]=n/a; BACK[$key]=n/a; MBUSY[$key]=n/a; BREQ[$key]=n/a; BCONN[$key]=n/a; return
     fi
     [ -n "$n2xx" ] && [ "$n2xx" != 0 ] && { VALID[$key]=; NOTE[$key]+="$n2xx non-2xx answers; "; }
     [ -n "$sock" ] && NOTE[$key]+="socket errors: $sock; "
@@ -216,6 +383,9 @@ wrk_run() {
     CLI[$key]="$(has "$wu" "$ws" && calc "($wu + $ws) * 1000000 / ${REQS[$key]}" 1 || echo n/a)"
     BACK[$key]="$(per_req "$bu1 - $bu0 + $bs1 - $bs0" "${REQS[$key]}" 1)"
     MBUSY[$key]="$([ "$ht1" -gt "$ht0" ] && calc "($hb1 - $hb0) * 100 / ($ht1 - $ht0)" 0 || echo n/a)"
+    # Less the second stub_status read itself (its request and its connection).
+    BREQ[$key]="$(has "$br0" "$br1" && calc "($br1 - $br0 - 1) / ${REQS[$key]}" 2 || echo n/a)"
+    BCONN[$key]="$(has "$ba0" "$ba1" && calc "($ba1 - $ba0 - 1) / ${REQS[$key]}" 3 || echo n/a)"
     for p in "$@"; do bench_alive "$p" || { VALID[$key]=; NOTE[$key]+="process $p exited during the run; "; }; done
 }
 
@@ -271,6 +441,12 @@ one_pid() { echo "$1"; }
 read -r HOST_T0 HOST_STEAL0 _ <<< "$(host_ticks)"
 echo "Command: $INVOKED"
 echo "gate $("$GATE" --version 2>/dev/null | head -1) ($GATE); $(nginx -v 2>&1 | sed 's/^nginx version: //'); wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'); $(h2load --version | head -1)"
+PEER_VERSIONS=()
+[ -n "$HAVE_HAPROXY" ] && PEER_VERSIONS+=("$(haproxy -v | awk '{print "HAProxy " $3; exit}')")
+[ -n "$HAVE_CADDY" ] && PEER_VERSIONS+=("Caddy $(caddy version | awk '{print $1; exit}')")
+for p in haproxy caddy; do [ -n "${PEER_SKIP[$p]:-}" ] && PEER_VERSIONS+=("$p ${PEER_SKIP[$p]}"); done
+PEERS_LINE=; for v in "${PEER_VERSIONS[@]}"; do PEERS_LINE+="${PEERS_LINE:+; }$v"; done
+echo "peers: $PEERS_LINE"
 
 # 7. Memory first, on the two fresh processes nobody else touches; the after-close samples are
 #    taken in the background while the throughput rows run on the other processes.
@@ -317,13 +493,17 @@ combine() {
 }
 
 # 1, 2, 3, 5, 6, then 4, in each round. Runs compared in one row follow each other where they can
-# (the machine drifts): nginx log on | nginx plain | gate plain | gate log on | gate auth |
-# nginx auth | gate auth + Redis | nginx HTTP/2 | gate HTTP/2.
+# (the machine drifts): nginx log on | HAProxy plain | Caddy plain | nginx plain | gate plain |
+# gate log on | gate auth | nginx auth | Caddy forward_auth | gate auth + Redis | nginx HTTP/2 |
+# gate HTTP/2. The peers' runs sit next to the nginx run of the same kind, so the runs of
+# rows 1a, 2a and 5 stay back to back as they were before the peers.
 for r in $(seq "$ROUNDS"); do
     echo "== round $r of $ROUNDS"
     WRK_HOOK=count_nginx_log
     wrk_run "nlog_$r" "nginx proxy, access_log to a file" "https://127.0.0.1:18445/" - $NGX_PROXY
     WRK_HOOK=
+    [ -n "$HAVE_HAPROXY" ] && wrk_run "hplain_$r" "HAProxy (nbthread $WORKERS, http-reuse always)" "https://127.0.0.1:18450/" - "${BENCH_PID[haproxy]}"
+    [ -n "$HAVE_CADDY" ] && wrk_run "cplain_$r" "Caddy reverse_proxy (GOMAXPROCS=$WORKERS)" "https://127.0.0.1:18451/" - "${BENCH_PID[caddy]}"
     wrk_run "nplain_$r" "nginx proxy" "https://127.0.0.1:18443/" - $NGX_PROXY
     wrk_run "gplain_$r" "chatkit-gate proxy" "https://127.0.0.1:19443/" 19090 "${BENCH_PID[gate]}"
     WRK_HOOK=count_gate_log
@@ -331,12 +511,13 @@ for r in $(seq "$ROUNDS"); do
     WRK_HOOK=
     wrk_run "gauth_$r" "chatkit-gate proxy + auth (cached)" "https://127.0.0.1:19444/" 19091 "${BENCH_PID[gate-auth]}"
     wrk_run "nauth_$r" "nginx proxy + auth_request" "https://127.0.0.1:18444/" - $NGX_PROXY
+    [ -n "$HAVE_CADDY" ] && wrk_run "cauth_$r" "Caddy forward_auth to /auth + reverse_proxy (GOMAXPROCS=$WORKERS)" "https://127.0.0.1:18452/" - "${BENCH_PID[caddy]}"
     [ -n "$HAVE_REDIS" ] && wrk_run "grl_$r" "chatkit-gate proxy + auth + Redis rate limit" "https://127.0.0.1:19445/" 19092 "${BENCH_PID[gate-rl]}"
     # 4: HTTP/2 from the client.
     h2_run "nh2_$r" "nginx proxy, HTTP/2" "https://127.0.0.1:18443/"
     h2_run "gh2_$r" "chatkit-gate proxy, HTTP/2" "https://127.0.0.1:19443/"
 done
-for k in nlog nplain gplain glog gauth nauth nh2 gh2 ${HAVE_REDIS:+grl}; do combine "$k"; done
+for k in nlog nplain gplain glog gauth nauth nh2 gh2 ${HAVE_REDIS:+grl} ${HAVE_HAPROXY:+hplain} ${HAVE_CADDY:+cplain cauth}; do combine "$k"; done
 
 for n in gate nginx; do
     p="${RSS_AFTER_PID[$n]}"
@@ -366,6 +547,28 @@ dropped="$(delta glog '^chatkit_gate_log_lines_dropped_total$')"
 NOTE[glog]+="${LOGLINES[g]} access-log lines for ${REQS[glog]:-?} requests, $dropped dropped"
 [ "$dropped" = 0 ] || VALID[glog]=
 NOTE[nlog]+="${LOGLINES[n]} access-log lines for ${REQS[nlog]:-?} requests"
+# The peers' runs measured what their rows say: every client request reached the backend (plain:
+# one backend request each), and Caddy's forward_auth asked /auth for every one (two each). The
+# requests in flight when wrk stops reach the backend but are not counted by wrk, so a little more.
+peer_backend() {   # KEY MIN WHAT
+    local k="$1" r v reqs=() conns=() busy=()
+    for r in $(seq "$ROUNDS"); do
+        v="${BREQ[${k}_$r]:-n/a}"; reqs+=("$v"); conns+=("${BCONN[${k}_$r]:-n/a}"); busy+=("${BUSY[${k}_$r]:-n/a}")
+        if ! has "$v" || awk "BEGIN { exit !($v < $2) }"; then
+            VALID[$k]=; NOTE[$k]+="round $r: $v backend requests per request, fewer than $2 ($3); "
+        fi
+    done
+    NOTE[$k]+="backend requests per request ${reqs[*]} ($3), new backend connections per request ${conns[*]}, the peer busy ${busy[*]} % of one core"
+}
+for k in nplain gplain nauth gauth; do   # the same counts for nginx's and the gate's runs, for reference
+    b=(); c=(); for r in $(seq "$ROUNDS"); do b+=("${BREQ[${k}_$r]:-n/a}"); c+=("${BCONN[${k}_$r]:-n/a}"); done
+    NOTE[$k]="${NOTE[$k]%; }; backend requests per request ${b[*]}, new backend connections per request ${c[*]}; "
+done
+[ -n "$HAVE_HAPROXY" ] && peer_backend hplain 0.99 "the proxied request"
+if [ -n "$HAVE_CADDY" ]; then
+    peer_backend cplain 0.99 "the proxied request"
+    peer_backend cauth 1.98 "/auth, then the proxied request"
+fi
 
 # ---------------------------------------------------------------- table
 fmt() { [ "$1" = n/a ] && { echo n/a; return; }; awk -v n="$1" 'BEGIN { s = sprintf("%d", n); o = "";
@@ -506,9 +709,71 @@ echo
 echo "Notes (INVALID = a run the row uses was not clean; see the raw output above):"
 declare -A LABEL=([nplain]="1 nginx plain" [gplain]="1 gate plain" [nauth]="2 nginx auth_request"
     [gauth]="2 gate auth" [grl]="3 gate auth + Redis" [nh2]="4 nginx HTTP/2" [gh2]="4 gate HTTP/2"
-    [glog]="5 gate access log on" [nlog]="5 nginx access log on")
+    [glog]="5 gate access log on" [nlog]="5 nginx access log on"
+    [hplain]="1c HAProxy plain (port 18450)" [cplain]="1d Caddy reverse_proxy (port 18451)" [cauth]="2d Caddy forward_auth (port 18452)")
 for k in nplain gplain nauth gauth grl nh2 gh2 glog nlog; do
     [ -n "${NOTE[$k]:-}" ] && echo "- ${LABEL[$k]}: ${NOTE[$k]%; }"
 done
 echo "- 7 gate (fresh process, port 19447): ${MEM_NOTE[gate]}"
 echo "- 7 nginx (fresh process, port 18446): ${MEM_NOTE[nginx]}"
+
+# ---------------------------------------------------------------- the peers
+# Each cell: the median over the rounds, then [lowest–highest round]. A ratio is the median of the
+# rounds' own ratios (gate ÷ peer, each from runs of the same round), with their spread.
+vals() { local -n va="$1"; local r o=(); for r in $(seq "$ROUNDS"); do o+=("${va[${2}_$r]:-n/a}"); done; echo "${o[*]}"; }
+rvals() {   # ARRAY A B: each round's A ÷ B
+    local -n ra="$1"; local r o=()
+    for r in $(seq "$ROUNDS"); do
+        if has "${ra[${2}_$r]:-}" "${ra[${3}_$r]:-}" && [ "${ra[${3}_$r]}" != 0 ]; then o+=("$(calc "${ra[${2}_$r]} / ${ra[${3}_$r]}" 4)"); else o+=(n/a); fi
+    done
+    echo "${o[*]}"
+}
+us() { has "$1" && calc "$1" 1 || echo n/a; }
+r2() { calc "$1" 2; }
+spread() {   # FORMAT VALUE...: "[lowest–highest]" in FORMAT (fmt, us, r2)
+    local f="$1" v lo hi; shift
+    for v in "$@"; do has "$v" || { echo "[n/a]"; return; }; done
+    read -r lo hi < <(printf '%s\n' "$@" | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {print lo, hi}')
+    echo "[$("$f" "$lo")–$("$f" "$hi")]"
+}
+PROWS=()
+prow() {   # NUM LABEL PEER_KEY GATE_KEY
+    local rr cr
+    read -ra rr <<< "$(rvals RPS "$4" "$3")"; read -ra cr <<< "$(rvals CPU "$4" "$3")"
+    # shellcheck disable=SC2046   # the per-round values, one word each
+    PROWS+=("| $1 | $2 | $(fmt "${RPS[$3]}") $(spread fmt $(vals RPS "$3")) | $(fmt "${RPS[$4]}") $(spread fmt $(vals RPS "$4")) | $(x "$(median "${rr[@]}")") $(spread r2 "${rr[@]}") | $(us "${CPU[$3]}") $(spread us $(vals CPU "$3")) | $(us "${CPU[$4]}") $(spread us $(vals CPU "$4")) | $(x "$(median "${cr[@]}")") $(spread r2 "${cr[@]}") | $(info "$3" "$4") |")
+}
+pskip() { PROWS+=("| $1 | $2 | $3 | — | — | — | — | — | — |"); }   # NUM LABEL WHY
+prow "1a (ref.)" "plain: nginx (row 1a's runs)" nplain gplain
+if [ -n "$HAVE_HAPROXY" ]; then prow 1c "plain: HAProxy, nbthread $WORKERS, http-reuse always" hplain gplain
+else pskip 1c "plain: HAProxy" "${PEER_SKIP[haproxy]}"; fi
+if [ -n "$HAVE_CADDY" ]; then prow 1d "plain: Caddy reverse_proxy, GOMAXPROCS=$WORKERS" cplain gplain
+else pskip 1d "plain: Caddy" "${PEER_SKIP[caddy]}"; fi
+prow "2a (ref.)" "authenticated: nginx auth_request (row 2a's runs; gate: warm decision cache)" nauth gauth
+if [ -n "$HAVE_HAPROXY" ]; then pskip 2c "authenticated: HAProxy" "n/a: no forward auth built in (the usual add-on, a Lua auth-request script, is not packaged in Debian; bench/README.md)"
+else pskip 2c "authenticated: HAProxy" "${PEER_SKIP[haproxy]}"; fi
+if [ -n "$HAVE_CADDY" ]; then prow 2d "authenticated: Caddy forward_auth to /auth, user header copied (gate: warm decision cache)" cauth gauth
+else pskip 2d "authenticated: Caddy" "${PEER_SKIP[caddy]}"; fi
+
+# What each proxy negotiates with an OpenSSL client that sends no SNI, as wrk (the same library) does.
+tls_of() { openssl s_client -connect "127.0.0.1:$1" -noservername </dev/null 2>/dev/null | awk '/^New, / {print $2 " " $NF; exit}' | sed 's/,//'; }
+TLS_NOTE="nginx $(tls_of 18443), gate $(tls_of 19443)"
+[ -n "$HAVE_HAPROXY" ] && TLS_NOTE+=", HAProxy $(tls_of 18450)"
+[ -n "$HAVE_CADDY" ] && TLS_NOTE+=", Caddy $(tls_of 18451)"
+
+echo
+echo "## chatkit-gate vs the peers: HAProxy, Caddy (nginx for reference)"
+echo
+echo "Same backend, certificate, client (wrk -t$THREADS -c$CONNS, $DURATION after a 2 s warm-up) and CPU budget ($WORKERS: nginx worker_processes, HAProxy nbthread, Caddy GOMAXPROCS, the gate's TOKIO_WORKER_THREADS), the runs interleaved in each of the $ROUNDS rounds."
+echo "Each cell: the median over the rounds, then [lowest–highest round]; a ratio is the median of the rounds' own ratios (gate ÷ peer, same round). Higher req/s and lower CPU per request (utime+stime from /proc/PID/stat ÷ requests) are better; no goals, so the result is info, INVALID (a run not clean) or why the row did not run."
+echo
+echo "| # | row | peer req/s | gate req/s | gate ÷ peer, req/s | peer CPU µs/req | gate CPU µs/req | gate ÷ peer, CPU | result |"
+echo "|---|---|---|---|---|---|---|---|---|"
+printf '%s\n' "${PROWS[@]}"
+echo
+echo "Notes:"
+echo "- TLS negotiated (OpenSSL client, no SNI, like wrk): $TLS_NOTE"
+for k in hplain cplain cauth; do
+    [ -n "${NOTE[$k]:-}" ] && echo "- ${LABEL[$k]}: ${NOTE[$k]%; }"
+done
+echo "- nginx's and the gate's runs: the notes of rows 1 and 2 above"
