@@ -65,7 +65,7 @@ enum Decision {
 
 /// What one introspection call produced, shared by every request that waited for it.
 #[derive(Debug, Clone)]
-enum Outcome {
+enum CallResult {
     /// The decision and the answer's `Set-Cookie` values (given to the requests that shared
     /// this call, never replayed from the cache).
     Decided(Decision, Arc<[HeaderValue]>),
@@ -74,7 +74,7 @@ enum Outcome {
 
 /// Where a decision came from: the `source` label of `chatkit_gate_auth_decisions_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+enum DecisionSource {
     Introspection,
     Cache,
     Stale,
@@ -82,15 +82,16 @@ enum Source {
     None,
 }
 
-impl Source {
-    const ALL: [Source; 4] = [Source::Introspection, Source::Cache, Source::Stale, Source::None];
+impl DecisionSource {
+    const ALL: [DecisionSource; 4] =
+        [DecisionSource::Introspection, DecisionSource::Cache, DecisionSource::Stale, DecisionSource::None];
 
     fn label(self) -> &'static str {
         match self {
-            Source::Introspection => "introspection",
-            Source::Cache => "cache",
-            Source::Stale => "stale",
-            Source::None => "none",
+            DecisionSource::Introspection => "introspection",
+            DecisionSource::Cache => "cache",
+            DecisionSource::Stale => "stale",
+            DecisionSource::None => "none",
         }
     }
 }
@@ -139,7 +140,7 @@ struct Inner {
     headers: IdentityHeaders,
     rules: CredentialRules,
     introspector: Introspector,
-    cache: DecisionCache<Decision, Outcome>,
+    cache: DecisionCache<Decision, CallResult>,
     /// `auth_decisions` children resolved once (no label lookup per request), by verdict × source.
     decisions: Vec<IntCounter>,
     audit: Audit,
@@ -236,7 +237,9 @@ impl Authenticator {
         };
         let decisions = Verdict::ALL
             .iter()
-            .flat_map(|v| Source::ALL.map(|s| metrics.auth_decisions.with_label_values(&[v.label(), s.label()])))
+            .flat_map(|v| {
+                DecisionSource::ALL.map(|s| metrics.auth_decisions.with_label_values(&[v.label(), s.label()]))
+            })
             .collect();
         let inner = Inner {
             login_url: settings.login_url.clone(),
@@ -285,7 +288,7 @@ impl Authenticator {
             Ok(decided) => decided,
             Err(Refusal::Limited(e)) => return Err(e),
             Err(Refusal::Failed(failure)) => {
-                inner.count(Verdict::Error, Source::Introspection);
+                inner.count(Verdict::Error, DecisionSource::Introspection);
                 inner.audit.log(
                     AuditEvent::new(AuditKind::AuthUnavailable, ctx.request_id(), ctx.client_ip)
                         .reason(failure.reason())
@@ -310,7 +313,7 @@ impl Authenticator {
                 if route.auth == RouteAuth::Optional {
                     return Ok(AuthResult::default());
                 }
-                let reason = if source == Source::None { "no credentials" } else { "signed out" };
+                let reason = if source == DecisionSource::None { "no credentials" } else { "signed out" };
                 inner.audit.log(
                     AuditEvent::new(AuditKind::AuthDenied, ctx.request_id(), ctx.client_ip)
                         .reason(reason)
@@ -328,14 +331,14 @@ impl Authenticator {
         route: &Route,
         parts: &http::request::Parts,
         ctx: &RequestContext,
-    ) -> Result<(Decision, Vec<HeaderValue>, Source), Refusal> {
+    ) -> Result<(Decision, Vec<HeaderValue>, DecisionSource), Refusal> {
         let inner = &self.inner;
         // Borrowed from the request: a cached decision needs only the key.
         let Some(found) = inner.rules.find(&parts.headers, &route.name) else {
-            return Ok((Decision::SignedOut, Vec::new(), Source::None));
+            return Ok((Decision::SignedOut, Vec::new(), DecisionSource::None));
         };
         let mut rx = match inner.cache.lookup(found.key, Instant::now()) {
-            Lookup::Fresh(decision) => return Ok((decision, Vec::new(), Source::Cache)),
+            Lookup::Fresh(decision) => return Ok((decision, Vec::new(), DecisionSource::Cache)),
             Lookup::Pending { lead, stale: Some(Decision::SignedIn(signed)), .. } => {
                 // Stale-while-revalidate: answer now; one call (single-flight per credentials)
                 // refreshes the entry. A hung endpoint then costs this user nothing.
@@ -344,7 +347,7 @@ impl Authenticator {
                     let req = inner.introspector.request(&creds, &Forwarded::of(parts, ctx));
                     tokio::spawn(self.inner.clone().introspect(flight, req, creds));
                 }
-                return Ok((Decision::SignedIn(signed), Vec::new(), Source::Stale));
+                return Ok((Decision::SignedIn(signed), Vec::new(), DecisionSource::Stale));
             }
             // A stale signed-out decision is never served: it has no stale window.
             Lookup::Pending { rx, lead, .. } => {
@@ -373,16 +376,18 @@ impl Authenticator {
             _ => None,
         };
         match outcome {
-            Some(Outcome::Decided(decision, cookies)) => Ok((decision, cookies.to_vec(), Source::Introspection)),
-            Some(Outcome::Failed(failure)) => Err(Refusal::Failed(failure)),
+            Some(CallResult::Decided(decision, cookies)) => {
+                Ok((decision, cookies.to_vec(), DecisionSource::Introspection))
+            }
+            Some(CallResult::Failed(failure)) => Err(Refusal::Failed(failure)),
             None => Err(Refusal::Failed(Failure::Request("introspection call abandoned".into()))),
         }
     }
 }
 
 impl Inner {
-    fn count(&self, verdict: Verdict, source: Source) {
-        let i = verdict as usize * Source::ALL.len() + source as usize;
+    fn count(&self, verdict: Verdict, source: DecisionSource) {
+        let i = verdict as usize * DecisionSource::ALL.len() + source as usize;
         if let Some(counter) = self.decisions.get(i) {
             counter.inc();
         }
@@ -391,7 +396,7 @@ impl Inner {
     /// One introspection call for a flight: ask, read the answer, update the cache, wake waiters.
     async fn introspect(
         self: Arc<Self>,
-        flight: Flight<Decision, Outcome>,
+        flight: Flight<Decision, CallResult>,
         req: Request<Empty<Bytes>>,
         creds: Credentials,
     ) {
@@ -416,7 +421,7 @@ impl Inner {
                     }
                     Store::Insert { value: decision.clone(), fresh_until: now + ttl, stale_until: now + ttl + grace }
                 };
-                (store, Outcome::Decided(decision, cookies.into()))
+                (store, CallResult::Decided(decision, cookies.into()))
             }
             Err(failure) => {
                 if let Some(kind) = failure.kind() {
@@ -430,7 +435,7 @@ impl Inner {
                     }
                     _ => tracing::warn!(error = %failure, "authentication service unavailable"),
                 }
-                (Store::Keep, Outcome::Failed(failure))
+                (Store::Keep, CallResult::Failed(failure))
             }
         };
         flight.finish(store, outcome);
@@ -679,7 +684,7 @@ mod tests {
 
     #[test]
     fn decision_counters_are_indexed_by_declaration_order() {
-        assert!(Source::ALL.iter().enumerate().all(|(i, s)| *s as usize == i));
+        assert!(DecisionSource::ALL.iter().enumerate().all(|(i, s)| *s as usize == i));
         assert!(Verdict::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
     }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::Check;
+use crate::ratelimit::policy::Check;
 
 /// Most keys remembered at once; past it, expired entries are swept, and if the cache is still
 /// full a new block is simply not cached (the store keeps deciding correctly).

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Algo, Check, Outcome};
+use crate::ratelimit::policy::{Algo, Check, Verdict};
 
 /// Most keys held at once. Past it (after sweeping expired ones), a request on a new key is
 /// admitted without being recorded, and that is logged once: better than evicting live counts.
@@ -71,7 +71,7 @@ impl LocalStore {
     }
 
     /// `check`, and the time it decided at (what `release` needs to find a lease's entry).
-    pub fn check_timed(&self, checks: &[Check<'_>]) -> (Vec<Outcome>, i64) {
+    pub fn check_timed(&self, checks: &[Check<'_>]) -> (Vec<Verdict>, i64) {
         let now = self.now_us();
         (self.check_at(checks, now), now)
     }
@@ -94,7 +94,7 @@ impl LocalStore {
     }
 
     /// `check` at a given time (microseconds since the store's epoch), so tests control time.
-    pub fn check_at(&self, checks: &[Check<'_>], now: i64) -> Vec<Outcome> {
+    pub fn check_at(&self, checks: &[Check<'_>], now: i64) -> Vec<Verdict> {
         // Lock every shard the request touches, in index order (no deadlock), for the whole
         // check: the request's policies are decided atomically, as in the Lua script.
         let ids: Vec<usize> = checks.iter().map(|c| self.hasher.hash_one(c.tag()) as usize % SHARDS).collect();
@@ -170,7 +170,7 @@ impl LocalStore {
                         }
                         _ => 0,
                     };
-                    Outcome { allowed, remaining: (limit - count).max(0) as u64, wait: micros(wait) }
+                    Verdict { allowed, remaining: (limit - count).max(0) as u64, wait: micros(wait) }
                 }
                 (Algo::Gcra { burst, interval_us }, Reading::Tat(tat)) => {
                     let burst = i64::from(burst);
@@ -187,10 +187,10 @@ impl LocalStore {
                     } else {
                         tat.saturating_sub((burst - remaining - 1).saturating_mul(interval_us)).saturating_sub(now)
                     };
-                    Outcome { allowed, remaining: remaining as u64, wait: micros(wait.max(0)) }
+                    Verdict { allowed, remaining: remaining as u64, wait: micros(wait.max(0)) }
                 }
                 // A reading always matches its policy's algorithm.
-                _ => Outcome { allowed: true, remaining: 0, wait: Duration::ZERO },
+                _ => Verdict { allowed: true, remaining: 0, wait: Duration::ZERO },
             };
             outcomes.push(outcome);
         }
@@ -245,9 +245,9 @@ fn micros(us: i64) -> Duration {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::super::Policy;
     use super::*;
     use crate::config::{Algorithm, LimitKey, PolicySettings};
+    use crate::ratelimit::policy::Policy;
 
     fn policy(algorithm: Algorithm, limit: u32, window_ms: u64, burst: u32) -> Policy {
         Policy::new(&PolicySettings {

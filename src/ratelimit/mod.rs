@@ -8,7 +8,10 @@
 //! anonymous traffic on public and optional routes is still limited.
 
 mod cache;
+mod headers;
+mod lease;
 mod local;
+mod policy;
 mod remote;
 
 use std::borrow::Cow;
@@ -18,10 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderName, HeaderValue};
-use sha2::{Digest, Sha256};
-
-use crate::config::{Algorithm, LimitKey, OnStoreError, PolicySettings, RateLimitSettings, RateLimitStore};
+use crate::config::{LimitKey, OnStoreError, RateLimitSettings, RateLimitStore};
 use crate::http::error::GateError;
 use crate::obs::audit::{Audit, AuditEvent, AuditKind};
 use crate::obs::metrics::Metrics;
@@ -30,216 +30,20 @@ use crate::request::context::RequestContext;
 use crate::request::routes::Route;
 use crate::transport::redis::{RedisStore, StoreError};
 
-use cache::DenyCache;
-use local::LocalStore;
-use remote::RedisLimiter;
+pub use crate::ratelimit::headers::{RATELIMIT, RATELIMIT_POLICY, RateLimitHeaders};
+pub use crate::ratelimit::lease::{Admission, Denied, Lease, PreparedPlan};
 
-/// `RateLimit-Policy` (IETF httpapi draft): the quota of each policy of the route.
-pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-/// `RateLimit` (IETF httpapi draft): what is left of each quota for this client.
-pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-
-/// User ids longer than this (or holding braces or control characters) are hashed in keys.
-const MAX_RAW_ID: usize = 128;
-
-/// `RateLimit-Policy` and `RateLimit` values for a response of a limited route.
-#[derive(Debug, Clone)]
-pub struct RateLimitHeaders {
-    pub policy: HeaderValue,
-    pub limit: HeaderValue,
-}
-
-impl RateLimitHeaders {
-    /// Add both headers to a response's headers.
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        headers.insert(RATELIMIT_POLICY, self.policy.clone());
-        headers.insert(RATELIMIT, self.limit.clone());
-    }
-}
-
-/// How a policy counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Algo {
-    /// Exact sliding log: at most `limit` admissions in any `window_us`.
-    SlidingWindow { limit: u32, window_us: i64 },
-    /// GCRA: a bucket of `burst` requests, one unit back every `interval_us`.
-    Gcra { burst: u32, interval_us: i64 },
-}
-
-/// One configured policy, with what every request needs precomputed.
-#[derive(Debug)]
-pub(crate) struct Policy {
-    pub name: String,
-    pub algo: Algo,
-    key: LimitKey,
-    /// `}:<name>:<sw|gcra>`: the key after the hash tag's subject.
-    key_suffix: String,
-    /// `"<name>";q=<limit>;w=<window seconds>`.
-    header_item: String,
-    /// A concurrency lease (a sliding log whose entries are removed when the stream ends; the
-    /// window is only the TTL safety net). Never in the deny cache or the `RateLimit` headers.
-    lease: bool,
-}
-
-impl Policy {
-    fn new(p: &PolicySettings) -> Policy {
-        let window_us = i64::try_from(p.window.as_micros()).unwrap_or(i64::MAX).max(1);
-        let (algo, short) = match p.algorithm {
-            Algorithm::SlidingWindow => (Algo::SlidingWindow { limit: p.limit.max(1), window_us }, "sw"),
-            Algorithm::Gcra => {
-                let limit = i64::from(p.limit.max(1));
-                let interval_us = ((window_us + limit / 2) / limit).max(1);
-                (Algo::Gcra { burst: p.burst.max(1), interval_us }, "gcra")
-            }
-        };
-        Policy {
-            name: p.name.clone(),
-            algo,
-            key: p.key,
-            key_suffix: format!("}}:{}:{short}", p.name),
-            header_item: format!("\"{}\";q={};w={}", p.name, p.limit, ceil_secs(p.window).max(1)),
-            lease: false,
-        }
-    }
-
-    /// At most `limit` held at once per user (or IP), each lease expiring after `ttl` at most.
-    fn lease(name: &str, limit: u32, ttl: Duration) -> Policy {
-        let window_us = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX).max(1);
-        Policy {
-            name: name.to_string(),
-            algo: Algo::SlidingWindow { limit: limit.max(1), window_us },
-            key: LimitKey::UserOrIp,
-            key_suffix: format!("}}:{name}:lease"),
-            header_item: String::new(),
-            lease: true,
-        }
-    }
-}
+use crate::ratelimit::cache::DenyCache;
+use crate::ratelimit::headers::{rate_limit_item, too_many};
+use crate::ratelimit::lease::Held;
+use crate::ratelimit::local::LocalStore;
+use crate::ratelimit::policy::{
+    Check, Plan, Policy, Verdict, build_plan, ceil_secs, header_value, ip_subject, user_subject,
+};
+use crate::ratelimit::remote::RedisLimiter;
 
 /// When a client over a concurrency limit may try again: streams end at any time.
 const LEASE_RETRY: Duration = Duration::from_secs(1);
-
-/// Policies prepared once for one kind of request (a ChatKit-server route's request type):
-/// the route's and the type's policies, and optionally a concurrency lease.
-#[derive(Debug)]
-pub struct PreparedPlan {
-    plan: Plan,
-    lease: Option<Policy>,
-}
-
-/// A refused request: the answer, and whether a concurrency lease (not a quota) refused it.
-#[derive(Debug)]
-pub struct Denied {
-    pub error: GateError,
-    pub concurrency: bool,
-}
-
-impl Denied {
-    fn rate(error: GateError) -> Denied {
-        Denied { error, concurrency: false }
-    }
-}
-
-/// What an admitted request holds: the `RateLimit*` headers and, for a leased request, the
-/// lease (released when dropped: when the stream ends, fails or is abandoned).
-#[derive(Debug, Default)]
-pub struct Admission {
-    pub headers: Option<RateLimitHeaders>,
-    pub lease: Option<Lease>,
-}
-
-/// A held concurrency lease. Dropping it gives it back (Redis: in a spawned task; a lost
-/// release is covered by the lease TTL).
-pub struct Lease {
-    key: String,
-    held: Held,
-}
-
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("key", &self.key).finish()
-    }
-}
-
-enum Held {
-    Redis { limiter: Arc<RedisLimiter>, nonce: String },
-    Local { store: Arc<LocalStore>, admitted_us: i64 },
-}
-
-impl Lease {
-    /// Give the lease back now. A Redis release runs in a task of its own (it outlives the
-    /// caller); its handle lets a stream hold its last frame until the release is through, so
-    /// a client that starts its next stream the moment this one ends is never refused.
-    pub fn give_back(mut self) -> Option<tokio::task::JoinHandle<()>> {
-        self.release()
-    }
-
-    /// Whether giving the lease back takes a round trip (see [`Lease::give_back`]).
-    pub fn is_remote(&self) -> bool {
-        matches!(self.held, Held::Redis { .. })
-    }
-
-    fn release(&mut self) -> Option<tokio::task::JoinHandle<()>> {
-        let key = std::mem::take(&mut self.key);
-        if key.is_empty() {
-            return None;
-        }
-        match &self.held {
-            Held::Local { store, admitted_us } => {
-                store.release(&key, *admitted_us);
-                None
-            }
-            Held::Redis { limiter, nonce } => {
-                let (limiter, nonce) = (limiter.clone(), nonce.clone());
-                let rt = tokio::runtime::Handle::try_current().ok()?;
-                Some(rt.spawn(async move { limiter.release(&key, &nonce).await }))
-            }
-        }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        // Dropping the handle detaches the task: the release still runs.
-        drop(self.release());
-    }
-}
-
-/// One policy applied to one request: the counter it uses.
-#[derive(Debug)]
-pub(crate) struct Check<'a> {
-    pub policy: &'a Policy,
-    /// The store key, e.g. `chatkit-gate:rl:{u:alice}:chatkit:sw`.
-    pub key: String,
-    /// Length of `key` through the end of the hash tag: keys with equal tags share a slot.
-    tag_end: usize,
-}
-
-impl Check<'_> {
-    pub fn tag(&self) -> &str {
-        &self.key[..self.tag_end]
-    }
-}
-
-/// What the store said about one policy of one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Outcome {
-    /// This policy alone would admit the request (it is admitted when all policies do).
-    pub allowed: bool,
-    /// Units left after this request (a rejected request consumes nothing).
-    pub remaining: u64,
-    /// Rejected by this policy: until it admits again. Otherwise: until one more unit is back
-    /// (zero when the quota is full).
-    pub wait: Duration,
-}
-
-/// The policies of one route and its constant `RateLimit-Policy` value.
-#[derive(Debug, Clone)]
-struct Plan {
-    names: Vec<String>,
-    policies: Vec<usize>,
-    policy_header: HeaderValue,
-}
 
 /// Where decisions are made.
 enum Backend {
@@ -250,16 +54,16 @@ enum Backend {
 
 /// Where a decision came from, as the `source` metric label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+enum DecidedBy {
     Redis,
     Local,
 }
 
-impl Source {
+impl DecidedBy {
     fn label(self) -> &'static str {
         match self {
-            Source::Redis => "redis",
-            Source::Local => "local",
+            DecidedBy::Redis => "redis",
+            DecidedBy::Local => "local",
         }
     }
 }
@@ -401,7 +205,7 @@ impl RateLimiter {
         if let Some((i, wait)) = self.cache.blocked(&checks[..limited], Instant::now()) {
             let policy = checks[i].policy;
             self.count(policy, "limited", "cache");
-            let limit = header_value(&rate_limit_item(policy, &Outcome { allowed: false, remaining: 0, wait }));
+            let limit = header_value(&rate_limit_item(policy, &Verdict { allowed: false, remaining: 0, wait }));
             return Err(Denied::rate(too_many(wait, plan.policy_header.clone(), limit)));
         }
 
@@ -415,12 +219,12 @@ impl RateLimiter {
             Backend::Local => {
                 let (outcomes, now) = self.local.check_timed(&checks);
                 local_now = now;
-                (outcomes, Source::Local)
+                (outcomes, DecidedBy::Local)
             }
             Backend::Redis(redis) => match redis.check(&checks, &nonce).await {
                 Ok(outcomes) => {
                     self.store_answered();
-                    (outcomes, Source::Redis)
+                    (outcomes, DecidedBy::Redis)
                 }
                 Err(e) => {
                     self.store_failed(&e);
@@ -433,7 +237,7 @@ impl RateLimiter {
                         OnStoreError::Local => {
                             let (outcomes, now) = self.local.check_timed(&checks);
                             local_now = now;
-                            (outcomes, Source::Local)
+                            (outcomes, DecidedBy::Local)
                         }
                         OnStoreError::Allow => {
                             checks.iter().for_each(|c| self.count(c.policy, "allowed", "store_error"));
@@ -462,7 +266,7 @@ impl RateLimiter {
             let lease = (limited < checks.len()).then(|| {
                 let key = checks.swap_remove(limited).key;
                 let held = match (&self.backend, source) {
-                    (Backend::Redis(redis), Source::Redis) => Held::Redis { limiter: redis.clone(), nonce },
+                    (Backend::Redis(redis), DecidedBy::Redis) => Held::Redis { limiter: redis.clone(), nonce },
                     _ => Held::Local { store: self.local.clone(), admitted_us: local_now },
                 };
                 Lease { key, held }
@@ -592,131 +396,5 @@ impl RateLimiter {
             self.metrics.rate_limit_store_degraded.set(0);
             tracing::info!("rate-limit store answering again; decisions come from redis");
         }
-    }
-}
-
-/// The route's policies by index, in order, duplicates dropped. `Err` names an unknown policy.
-fn build_plan(policies: &[Policy], names: &[String]) -> Result<Plan, String> {
-    let mut indexes: Vec<usize> = Vec::with_capacity(names.len());
-    for name in names {
-        let i = policies.iter().position(|p| &p.name == name).ok_or_else(|| name.clone())?;
-        if !indexes.contains(&i) {
-            indexes.push(i);
-        }
-    }
-    let header = indexes.iter().map(|&i| policies[i].header_item.as_str()).collect::<Vec<_>>().join(", ");
-    Ok(Plan { names: names.to_vec(), policies: indexes, policy_header: header_value(&header) })
-}
-
-fn too_many(wait: Duration, policy: HeaderValue, limit: HeaderValue) -> GateError {
-    let mut headers = HeaderMap::with_capacity(2);
-    headers.insert(RATELIMIT_POLICY, policy);
-    headers.insert(RATELIMIT, limit);
-    GateError::TooManyRequests { retry_after: ceil_secs(wait).max(1), headers }
-}
-
-/// `"<name>";r=<remaining>;t=<seconds>`; a rejecting policy's `t` is its `Retry-After`.
-fn rate_limit_item(policy: &Policy, o: &Outcome) -> String {
-    let t = if o.allowed { ceil_secs(o.wait) } else { ceil_secs(o.wait).max(1) };
-    format!("\"{}\";r={};t={}", policy.name, o.remaining, t)
-}
-
-/// Policy names are letters, digits, `_` and `-` (config validation), so this never fails.
-fn header_value(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
-/// Whole seconds, rounded up: a client waiting this long finds the slot free.
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
-/// `u:<id>`, or `uh:<hash>` for ids that are long or could break the hash tag.
-fn user_subject(id: &str) -> String {
-    if id.len() <= MAX_RAW_ID && !id.chars().any(|c| c == '{' || c == '}' || c.is_control()) {
-        return format!("u:{id}");
-    }
-    let digest = Sha256::digest(id.as_bytes());
-    let mut s = String::with_capacity(3 + 32);
-    s.push_str("uh:");
-    for b in &digest[..16] {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
-/// `ip:<IPv4>`; IPv6 by its /64 (one subscriber usually holds a whole /64).
-fn ip_subject(ip: IpAddr) -> String {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => format!("ip:{v4}"),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
-            format!("ip:{net}/64")
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-
-    #[test]
-    fn subjects_are_safe_hash_tags() {
-        assert_eq!(user_subject("alice"), "u:alice");
-        assert!(user_subject("a}b").starts_with("uh:"));
-        assert!(user_subject(&"x".repeat(200)).starts_with("uh:"));
-        assert_eq!(user_subject("a}b").len(), 3 + 32);
-        assert_eq!(ip_subject("10.1.2.3".parse().unwrap()), "ip:10.1.2.3");
-        assert_eq!(ip_subject("::ffff:10.1.2.3".parse().unwrap()), "ip:10.1.2.3");
-        assert_eq!(ip_subject("2001:db8:1:2:3:4:5:6".parse().unwrap()), "ip:2001:db8:1:2::/64");
-    }
-
-    #[test]
-    fn retry_after_rounds_up_to_whole_seconds() {
-        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
-        assert_eq!(ceil_secs(Duration::from_secs(41)), 41);
-        assert_eq!(ceil_secs(Duration::from_millis(41_001)), 42);
-        assert_eq!(ceil_secs(Duration::ZERO), 0);
-    }
-
-    #[test]
-    fn policy_header_items_follow_the_draft_syntax() {
-        let sw = Policy::new(&PolicySettings {
-            name: "chatkit".into(),
-            algorithm: Algorithm::SlidingWindow,
-            limit: 5,
-            window: Duration::from_secs(60),
-            burst: 5,
-            key: LimitKey::User,
-        });
-        assert_eq!(sw.header_item, "\"chatkit\";q=5;w=60");
-        assert_eq!(sw.algo, Algo::SlidingWindow { limit: 5, window_us: 60_000_000 });
-        let gcra = Policy::new(&PolicySettings {
-            name: "api".into(),
-            algorithm: Algorithm::Gcra,
-            limit: 600,
-            window: Duration::from_millis(60_500),
-            burst: 100,
-            key: LimitKey::UserOrIp,
-        });
-        assert_eq!(gcra.header_item, "\"api\";q=600;w=61");
-        assert_eq!(gcra.algo, Algo::Gcra { burst: 100, interval_us: 100_833 });
-        let plan = build_plan(&[sw, gcra], &["api".into(), "chatkit".into(), "api".into()]).unwrap();
-        assert_eq!(plan.policies, vec![1, 0]);
-        assert_eq!(plan.policy_header, "\"api\";q=600;w=61, \"chatkit\";q=5;w=60");
-        let item = rate_limit_item(
-            &Policy::new(&PolicySettings {
-                name: "chatkit".into(),
-                algorithm: Algorithm::SlidingWindow,
-                limit: 5,
-                window: Duration::from_secs(60),
-                burst: 5,
-                key: LimitKey::User,
-            }),
-            &Outcome { allowed: true, remaining: 2, wait: Duration::from_millis(40_200) },
-        );
-        assert_eq!(item, "\"chatkit\";r=2;t=41");
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use redis::Script;
 
-use super::{Algo, Check, Outcome};
+use crate::ratelimit::policy::{Algo, Check, Verdict};
 use crate::transport::redis::{RedisStore, StoreError};
 
 pub(crate) struct RedisLimiter {
@@ -40,7 +40,7 @@ impl RedisLimiter {
     }
 
     /// One outcome per check, in order.
-    pub async fn check(&self, checks: &[Check<'_>], nonce: &str) -> Result<Vec<Outcome>, StoreError> {
+    pub async fn check(&self, checks: &[Check<'_>], nonce: &str) -> Result<Vec<Verdict>, StoreError> {
         let first_tag = checks.first().map(Check::tag).unwrap_or_default();
         if !self.cluster || checks.iter().all(|c| c.tag() == first_tag) {
             let all: Vec<&Check<'_>> = checks.iter().collect();
@@ -58,7 +58,7 @@ impl RedisLimiter {
         let results = futures_util::future::join_all(members.iter().map(|m| self.run(m, nonce))).await;
 
         let admitted = results.iter().all(|r| r.as_ref().is_ok_and(|o| o.iter().all(|o| o.allowed)));
-        let mut outcomes = vec![Outcome { allowed: true, remaining: 0, wait: Duration::ZERO }; checks.len()];
+        let mut outcomes = vec![Verdict { allowed: true, remaining: 0, wait: Duration::ZERO }; checks.len()];
         let mut failure = None;
         for ((group, member), result) in groups.iter().zip(&members).zip(results) {
             match result {
@@ -81,7 +81,7 @@ impl RedisLimiter {
         }
     }
 
-    async fn run(&self, checks: &[&Check<'_>], nonce: &str) -> Result<Vec<Outcome>, StoreError> {
+    async fn run(&self, checks: &[&Check<'_>], nonce: &str) -> Result<Vec<Verdict>, StoreError> {
         let mut call = self.check.prepare_invoke();
         call.arg(nonce);
         for c in checks {
@@ -131,7 +131,7 @@ impl RedisLimiter {
 }
 
 /// `{ now_us, admitted, (allowed, remaining, wait_us) per policy }`.
-fn parse(reply: &[i64], n: usize) -> Result<Vec<Outcome>, StoreError> {
+fn parse(reply: &[i64], n: usize) -> Result<Vec<Verdict>, StoreError> {
     if reply.len() != 2 + 3 * n {
         return Err(StoreError::Redis(redis::RedisError::from((
             redis::ErrorKind::UnexpectedReturnType,
@@ -140,7 +140,7 @@ fn parse(reply: &[i64], n: usize) -> Result<Vec<Outcome>, StoreError> {
     }
     Ok(reply[2..]
         .chunks_exact(3)
-        .map(|p| Outcome {
+        .map(|p| Verdict {
             allowed: p[0] == 1,
             remaining: u64::try_from(p[1]).unwrap_or(0),
             wait: Duration::from_micros(u64::try_from(p[2]).unwrap_or(0)),

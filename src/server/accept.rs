@@ -1,9 +1,8 @@
 //! Accepting connections: the accept loops (one per listener and worker) with the connection
 //! limit, the TLS handshake with its timeout, and serving one connection from accept to close.
 
-use crate::pipeline::Gateway;
+use crate::server::conn_ctx::{ACCEPT_DEFER, ConnCtx};
 use crate::server::drive::drive;
-use crate::server::protocols::Protocols;
 use crate::transport::client_io::ClientIo;
 use crate::transport::conn::ConnActivity;
 use crate::transport::workers::worker_index;
@@ -44,37 +43,6 @@ pub(crate) fn accept_on(
 
 /// The saturation warning is repeated at most this often per listener.
 const SATURATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-pub(crate) struct ConnCtx {
-    pub(crate) max_connections: usize,
-    pub(crate) gateway: Arc<Gateway>,
-    pub(crate) http: Arc<Protocols>,
-    pub(crate) drain: CancellationToken,
-    pub(crate) idle_timeout: Duration,
-    pub(crate) header_timeout: Duration,
-    pub(crate) handshake_timeout: Duration,
-    /// Connections open on each worker, for [`ConnCtx::defer_accept`].
-    pub(crate) open_by_worker: Box<[std::sync::atomic::AtomicUsize]>,
-}
-
-/// How long a worker that holds more connections than another waits before it accepts anyway
-/// (a worker stuck elsewhere must not keep new connections waiting in the queue).
-const ACCEPT_DEFER: Duration = Duration::from_millis(1);
-
-impl ConnCtx {
-    /// Should `worker` leave the next connection to a worker holding fewer (by more than an
-    /// eighth of its own)? Every worker is woken for a new connection on the shared listener, and
-    /// the first one awake would otherwise take them all: a client opening 64 connections at
-    /// once, or an ingress keeping two, would get one worker.
-    fn defer_accept(&self, worker: usize) -> bool {
-        let open = &self.open_by_worker;
-        if open.len() < 2 {
-            return false;
-        }
-        let mine = open[worker].load(Ordering::Relaxed);
-        open.iter().any(|o| mine.saturating_sub(o.load(Ordering::Relaxed)) > mine / 8)
-    }
-}
 
 pub(crate) async fn accept_loop(
     listener: TcpListener,

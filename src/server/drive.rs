@@ -1,7 +1,7 @@
 //! Driving one connection: header and idle timeouts, finishing it when the gate drains, and the
 //! log line for connections hyper ended with an error.
 
-use crate::server::accept::ConnCtx;
+use crate::server::conn_ctx::ConnCtx;
 use crate::server::protocols::Serving;
 use crate::transport::conn::ConnActivity;
 use std::future::Future;

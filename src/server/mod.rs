@@ -20,9 +20,10 @@ use crate::obs::metrics::Metrics;
 use crate::pipeline::Gateway;
 use crate::ratelimit::RateLimiter;
 use crate::request::routes::RouteTable;
-use crate::server::accept::{ConnCtx, accept_loop, accept_on};
+use crate::server::accept::{accept_loop, accept_on};
 use crate::server::admin::admin_loop;
 use crate::server::admin::{Admin, Readiness};
+use crate::server::conn_ctx::ConnCtx;
 use crate::server::protocols::Protocols;
 use crate::transport::redis::RedisStore;
 use crate::transport::tls;
@@ -30,6 +31,7 @@ use crate::transport::workers::Workers;
 
 mod accept;
 pub mod admin;
+mod conn_ctx;
 mod drive;
 mod protocols;
 
