@@ -260,7 +260,7 @@ mod tests {
             .uint("status", 200)
             .float("duration_ms", 1.25)
             .ip("client_ip", std::net::IpAddr::from([203, 0, 113, 9]))
-            .finish("chatkit_gate::pipeline");
+            .finish("chatkit_gate::proxy");
         assert!(out.ends_with(b"}\n"));
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["message"], "request");
@@ -268,7 +268,7 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["duration_ms"], 1.25);
         assert_eq!(v["client_ip"], "203.0.113.9");
-        assert_eq!(v["target"], "chatkit_gate::pipeline");
+        assert_eq!(v["target"], "chatkit_gate::proxy");
         let ts = v["timestamp"].as_str().unwrap();
         assert_eq!((ts.len(), &ts[10..11], &ts[19..20], &ts[26..]), (27, "T", ".", "Z"), "{ts}");
     }

@@ -1,5 +1,7 @@
-//! The request pipeline: match route → authenticate → rate-limit → own endpoint or forward to
-//! the app; plus the per-request bookkeeping (request id, HSTS, metrics, access log).
+//! The request pipeline, phase by phase: admit (`admit.rs`) → match the route → authenticate →
+//! rate-limit → the gate's own endpoint or forward to the app (`forward.rs`) → observe
+//! (`observe.rs`); errors become answers in `answer.rs`. [`Gateway`] holds what every request
+//! shares.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,18 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use http::header::SET_COOKIE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthResult, Authenticator};
 use crate::chatkit::ChatKit;
 use crate::chatkit_server::ChatKitServers;
 use crate::config::{Config, ServerSettings};
-use crate::http::body::{BodyEnd, GateBody};
+use crate::http::body::GateBody;
 use crate::http::error::GateError;
 use crate::obs::audit::Audit;
 use crate::request::context::RequestContext;
@@ -26,148 +25,32 @@ use crate::transport::conn::{Clock, ConnActivity};
 
 use crate::obs::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::request::hygiene::{self, Cleaned, HeaderRules};
+use crate::request::hygiene::HeaderRules;
 use crate::request::routes::{RouteKind, RouteTable};
-use crate::transport::tunnel;
 use crate::upstream::pool::take_parts;
 use crate::upstream::{self, Forwarded, Upstream, X_FORWARDED_PROTO, X_REQUEST_ID};
 
+mod admit;
+mod answer;
+mod forward;
 pub mod https_only;
+mod observe;
+
+use crate::pipeline::admit::{Cleared, admit};
+use crate::pipeline::answer::{drain_unread, early, finish};
+use crate::pipeline::forward::Forwarder;
+use crate::pipeline::observe::{Observer, Recorder};
 
 /// Identity headers are stripped with this prefix when `[auth]` is absent.
 const DEFAULT_PREFIX: &str = "x-auth-request-";
 
-/// Lives as long as a request and its response body: in-flight accounting, then, when the body
-/// ends, fails or is dropped, the access-log line and the request metrics (pingora's logging
-/// phase). Dropped before any response (the client left while the gate waited): status 499.
-struct Observer {
-    gateway: Arc<Gateway>,
-    conn: Arc<ConnActivity>,
-    /// `None`: the plain-HTTP answer (`https_redirect`).
-    route: Option<usize>,
-    method: Method,
-    /// `None` until there is a response.
-    status: Option<StatusCode>,
-    request_id: HeaderValue,
-    client_ip: std::net::IpAddr,
-    error: Option<GateError>,
-    started: Instant,
-    headers_at: Option<Instant>,
-    /// When the answer ended (its body finished, failed or was dropped).
-    ended: Option<Instant>,
-    streamed: bool,
-    done: bool,
-    /// Refused by admission (path, Host, method, header size): route label `rejected`.
-    rejected: bool,
-}
-
-impl Observer {
-    fn route_name(&self) -> &str {
-        match self.route {
-            Some(i) => self.gateway.routes.all()[i].name.as_str(),
-            None if self.rejected => "rejected",
-            None => "https_redirect",
-        }
-    }
-
-    /// The route's index in `Gateway::route_metrics`.
-    fn route_slot(&self) -> usize {
-        let n = self.gateway.routes.all().len();
-        match self.route {
-            Some(i) => i,
-            None if self.rejected => n,
-            None => n + 1,
-        }
-    }
-}
-
-impl crate::http::body::BodyGuard for Observer {
-    fn finished(&mut self, end: BodyEnd) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
-        }
-        // One clock read for the durations and for the connection's idle clock (see `Drop`).
-        let now = Instant::now();
-        self.ended = Some(now);
-        let m = &self.gateway.metrics;
-        let route = self.route_name();
-        let status = self.status.map_or(499, |s| s.as_u16());
-        let elapsed = now.saturating_duration_since(self.started);
-        let status_label = match &self.status {
-            Some(s) => s.as_str(),
-            None => "499",
-        };
-        let slot = &self.gateway.route_metrics[self.route_slot()];
-        slot.count(&m.http_requests, route, method_label(&self.method), status, status_label);
-        slot.duration.observe(elapsed.as_secs_f64());
-        let stream_ms = match (self.streamed, self.headers_at) {
-            (true, Some(at)) => {
-                let d = now.saturating_duration_since(at);
-                slot.observe_stream(&m.stream_duration, route, end, d.as_secs_f64());
-                Some(millis(d))
-            }
-            _ => None,
-        };
-        let rid = self.request_id.to_str().unwrap_or("-");
-        let duration_ms = millis(elapsed);
-        let (method, client_ip, outcome) = (&self.method, self.client_ip, end.as_str());
-        match &self.error {
-            Some(e) if status >= 500 || self.rejected => tracing::warn!(
-                method = %method, route, status, duration_ms, stream_ms, outcome,
-                request_id = rid, client_ip = %client_ip, error = %e, "request"
-            ),
-            _ if end == BodyEnd::UpstreamError => tracing::warn!(
-                method = %method, route, status, duration_ms, stream_ms, outcome,
-                request_id = rid, client_ip = %client_ip, "request"
-            ),
-            _ if !tracing::enabled!(tracing::Level::INFO) => {}
-            // The binary's JSON log: the same line as tracing would write, built directly.
-            _ => match crate::obs::logwriter::json_sink() {
-                Some(sink) => ACCESS_LINE.with_borrow_mut(|buf| {
-                    let mut line = crate::obs::logwriter::JsonLine::start(buf, "INFO", "request");
-                    line.str("method", method.as_str()).str("route", route).uint("status", u64::from(status));
-                    line.float("duration_ms", duration_ms);
-                    if let Some(ms) = stream_ms {
-                        line.float("stream_ms", ms);
-                    }
-                    line.str("outcome", outcome).str("request_id", rid).ip("client_ip", client_ip);
-                    line.finish(module_path!());
-                    sink.line(buf);
-                }),
-                None => tracing::info!(
-                    method = %method, route, status, duration_ms, stream_ms, outcome,
-                    request_id = rid, client_ip = %client_ip, "request"
-                ),
-            },
-        }
-    }
-}
-
-impl Drop for Observer {
-    fn drop(&mut self) {
-        if !self.done {
-            crate::http::body::BodyGuard::finished(self, BodyEnd::ClientAborted);
-        }
-        self.gateway.metrics.http_in_flight.dec();
-        if self.conn.request_ended() {
-            let clock = &self.gateway.clock;
-            self.conn.touch(self.ended.map_or_else(|| clock.now_ms(), |at| clock.ms_at(at)));
-        }
-    }
-}
-
-thread_local! {
-    /// The access-log line of this worker thread, reused.
-    static ACCESS_LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
-}
-
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
-    /// Request counters and duration histogram per route label (see [`RouteMetrics`]).
-    route_metrics: Vec<RouteMetrics>,
+    /// Per-route request metrics and the access log (the observe phase).
+    recorder: Arc<Recorder>,
     pub(crate) server: ServerSettings,
     routes: RouteTable,
-    upstream: Upstream,
+    forwarder: Forwarder,
     auth: Option<Authenticator>,
     limiter: Option<Arc<RateLimiter>>,
     chatkit: Option<ChatKit>,
@@ -178,8 +61,6 @@ pub struct Gateway {
     header_rules: HeaderRules,
     pub(crate) metrics: Metrics,
     pub(crate) clock: Arc<Clock>,
-    /// Upgraded (tunnelled) connections, so shutdown can wait for them.
-    pub(crate) tunnels: TaskTracker,
 }
 
 impl Gateway {
@@ -193,24 +74,20 @@ impl Gateway {
         audit: Audit,
     ) -> anyhow::Result<Gateway> {
         let chatkit_servers = ChatKitServers::new(config, &routes, limiter.as_deref(), metrics.clone(), audit)?;
-        // By route index, then `rejected`, then `https_redirect` (see `Observer::route_slot`).
-        let route_metrics = routes
-            .all()
-            .iter()
-            .map(|r| r.name.as_str())
-            .chain(["rejected", "https_redirect"])
-            .map(|name| RouteMetrics {
-                duration: metrics.http_request_duration.with_label_values(&[name]),
-                requests: std::sync::RwLock::default(),
-                stream_complete: std::sync::OnceLock::new(),
-            })
-            .collect();
+        let clock = Arc::new(Clock::new());
+        let recorder = Arc::new(Recorder::new(&routes, metrics.clone(), clock.clone()));
+        let forwarder = Forwarder {
+            upstream: Upstream::new(&config.upstream, config.server.workers.unwrap_or(1), metrics.clone())?,
+            tunnels: TaskTracker::new(),
+            clock: clock.clone(),
+            idle_timeout: config.server.idle_timeout,
+        };
         Ok(Gateway {
-            route_metrics,
+            recorder,
             chatkit_servers,
             server: config.server.clone(),
             routes,
-            upstream: Upstream::new(&config.upstream, config.server.workers.unwrap_or(1), metrics.clone())?,
+            forwarder,
             auth,
             limiter,
             chatkit,
@@ -225,8 +102,7 @@ impl Gateway {
                 upgrades: config.server.upgrades.clone(),
             },
             metrics,
-            clock: Arc::new(Clock::new()),
-            tunnels: TaskTracker::new(),
+            clock,
         })
     }
 
@@ -235,6 +111,11 @@ impl Gateway {
         if let Some(ck) = &self.chatkit {
             ck.drain(grace).await;
         }
+    }
+
+    /// Upgraded (tunnelled) connections, so shutdown can wait for them.
+    pub(crate) fn tunnels(&self) -> &TaskTracker {
+        &self.forwarder.tunnels
     }
 
     pub fn limiter_ready(&self) -> bool {
@@ -270,27 +151,13 @@ impl Gateway {
         let request_id = upstream::request_id(req.headers());
         let client_ip = upstream::client_ip(peer, req.headers(), &self.server.trusted_proxies);
         let version = req.version();
-        let mut observer = Observer {
-            gateway: self.clone(),
-            conn,
-            route: None,
-            method: req.method().clone(),
-            status: None,
-            request_id: request_id.clone(),
-            client_ip,
-            error: None,
-            started,
-            headers_at: None,
-            ended: None,
-            streamed: false,
-            done: false,
-            rejected: false,
-        };
+        let mut observer =
+            Observer::new(self.recorder.clone(), conn, req.method().clone(), request_id.clone(), client_ip, started);
 
         let mut resp = if !https {
             https_only::plain_http_answer(req.method(), req.uri(), req.headers(), &self.server)
         } else {
-            match self.admit(&mut req, peer_trusted) {
+            match admit(&mut req, peer_trusted, &self.server, &self.header_rules) {
                 Ok(admitted) => {
                     let route = self.routes.find(req.uri().path()).clone();
                     observer.route = Some(route.index);
@@ -341,7 +208,7 @@ impl Gateway {
         body: Incoming,
         ctx: &RequestContext,
         peer: SocketAddr,
-        admitted: Admitted,
+        admitted: Cleared,
         conn: &Arc<ConnActivity>,
     ) -> (Response<GateBody>, Option<GateError>) {
         let auth = match &self.auth {
@@ -405,222 +272,10 @@ impl Gateway {
                 }
             }
         };
-        let result = self.forward(parts, body, &f, upgrade, conn).await.map(|r| match guard {
+        let result = self.forwarder.forward(parts, body, &f, upgrade, conn).await.map(|r| match guard {
             Some(guard) => r.map(|b| b.with_guard(guard)),
             None => r,
         });
         finish(result, auth.set_cookies, limits)
-    }
-
-    /// Check what the app will be told before anything else runs: the method, the header block's
-    /// size (HTTP/2; hyper bounds HTTP/1.1 itself), the host, and the path, normalised in place
-    /// so the route is chosen on exactly what is forwarded; then the header pass.
-    fn admit(&self, req: &mut Request<Incoming>, peer_trusted: bool) -> Result<Admitted, GateError> {
-        if !hygiene::method_allowed(req.method()) {
-            return Err(GateError::MethodNotForwarded);
-        }
-        if req.version() == http::Version::HTTP_2 && header_list_size(req) > self.server.max_header_bytes {
-            return Err(GateError::HeadersTooLarge);
-        }
-        let host = hygiene::request_host(req.version(), req.uri(), req.headers(), &self.server.hosts)?;
-        let normalised = match crate::http::path::normalize_path(req.uri().path()) {
-            Ok(std::borrow::Cow::Owned(p)) => Some(p),
-            Ok(std::borrow::Cow::Borrowed(_)) => None,
-            Err(crate::http::path::UnsafePath) => return Err(GateError::BadRequest("Bad request")),
-        };
-        if let Some(path) = normalised {
-            *req.uri_mut() = hygiene::with_path(req.uri(), &path)?;
-        }
-        let version = req.version();
-        let cleaned = hygiene::clean_request_headers(req.headers_mut(), version, peer_trusted, &self.header_rules);
-        Ok(Admitted { host, cleaned })
-    }
-
-    /// Forward to the app, streaming both bodies; tunnel an upgrade when the app agrees to the
-    /// protocol the client asked for.
-    async fn forward(
-        &self,
-        parts: &mut http::request::Parts,
-        body: GateBody,
-        f: &Forwarded<'_>,
-        asked: Option<HeaderValue>,
-        conn: &Arc<ConnActivity>,
-    ) -> Result<Response<GateBody>, GateError> {
-        let client_upgrade = if asked.is_some() { parts.extensions.remove::<OnUpgrade>() } else { None };
-        upstream::set_forwarding_headers(&mut parts.headers, f);
-        parts.uri = upstream::origin_form(parts.uri.path_and_query());
-        parts.version = http::Version::HTTP_11;
-        let mut resp = self.upstream.send(parts, body).await?;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(asked), Some(client)) = (asked, client_upgrade) else {
-                tracing::warn!("app answered 101 to a request that did not ask to upgrade");
-                return Err(GateError::UpstreamUnavailable);
-            };
-            if !hygiene::upgrade_accepted(&asked, resp.headers()) {
-                tracing::warn!(
-                    asked = asked.to_str().unwrap_or("?"),
-                    answered = resp.headers().get(http::header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or(""),
-                    "app switched to a protocol the client did not ask for; not tunnelled"
-                );
-                return Err(GateError::UpstreamUnavailable);
-            }
-            let app = hyper::upgrade::on(&mut resp);
-            let idle = self.server.idle_timeout;
-            let (clock, conn) = (self.clock.clone(), conn.clone());
-            self.tunnels.spawn(async move {
-                match tokio::try_join!(client, app) {
-                    Ok((client, app)) => tunnel::run(TokioIo::new(client), TokioIo::new(app), idle, &clock).await,
-                    Err(e) => tracing::warn!(error = %e, "upgrade failed"),
-                }
-                // The connection's max_connections slot is released with the tunnel.
-                drop(conn);
-            });
-            let (mut parts, _) = resp.into_parts();
-            upstream::remove_hop_by_hop(&mut parts.headers, true);
-            return Ok(Response::from_parts(parts, GateBody::empty()));
-        }
-        let (mut parts, body) = resp.into_parts();
-        upstream::remove_hop_by_hop(&mut parts.headers, false);
-        Ok(Response::from_parts(parts, GateBody::from_app(body)))
-    }
-}
-
-/// The answer and the error it came from, with the auth cookies and rate-limit headers.
-fn finish(
-    result: Result<Response<GateBody>, GateError>,
-    set_cookies: Vec<HeaderValue>,
-    limits: Option<crate::ratelimit::RateLimitHeaders>,
-) -> (Response<GateBody>, Option<GateError>) {
-    let (mut resp, error) = match result {
-        Ok(r) => (r, None),
-        Err(e) => failed(e),
-    };
-    let headers = resp.headers_mut();
-    for cookie in set_cookies {
-        headers.append(SET_COOKIE, cookie);
-    }
-    if let Some(limits) = limits {
-        limits.apply(headers);
-    }
-    (resp, error)
-}
-
-/// A route's request metrics, resolved once: its duration histogram, and the request counters
-/// met so far by method and status (a label lookup hashes three strings on every request; this
-/// is a scan of a few entries under a read lock).
-struct RouteMetrics {
-    duration: prometheus::Histogram,
-    requests: std::sync::RwLock<Vec<(&'static str, u16, prometheus::IntCounter)>>,
-    /// Its streams that ended complete, resolved at the first (so the series appears only then).
-    stream_complete: std::sync::OnceLock<prometheus::Histogram>,
-}
-
-/// Request counters kept per route; further method/status pairs are looked up each time.
-const ROUTE_COUNTERS_KEPT: usize = 32;
-
-impl RouteMetrics {
-    /// Observe a streamed body's duration in `chatkit_gate_stream_duration_seconds`.
-    fn observe_stream(&self, vec: &prometheus::HistogramVec, route: &str, end: BodyEnd, secs: f64) {
-        if end == BodyEnd::Complete {
-            self.stream_complete.get_or_init(|| vec.with_label_values(&[route, end.as_str()])).observe(secs);
-        } else {
-            vec.with_label_values(&[route, end.as_str()]).observe(secs);
-        }
-    }
-
-    /// Count one answered request in `chatkit_gate_http_requests_total`.
-    fn count(&self, vec: &prometheus::IntCounterVec, route: &str, method: &'static str, status: u16, label: &str) {
-        if let Ok(kept) = self.requests.read()
-            && let Some((_, _, counter)) = kept.iter().find(|(m, s, _)| *s == status && *m == method)
-        {
-            counter.inc();
-            return;
-        }
-        let counter = vec.with_label_values(&[route, method, label]);
-        counter.inc();
-        if let Ok(mut kept) = self.requests.write()
-            && kept.len() < ROUTE_COUNTERS_KEPT
-            && !kept.iter().any(|(m, s, _)| *s == status && *m == method)
-        {
-            kept.push((method, status, counter));
-        }
-    }
-}
-
-/// A duration in milliseconds, to the microsecond (as `as_micros() as f64 / 1000.0`, without the
-/// 128-bit conversion).
-fn millis(d: std::time::Duration) -> f64 {
-    (d.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(d.subsec_micros()))) as f64 / 1000.0
-}
-
-/// What admission established for a request that may go on.
-struct Admitted {
-    host: HeaderValue,
-    cleaned: Cleaned,
-}
-
-/// HTTP/2 header list size as RFC 9113 §6.5.2 counts it (name + value + 32 per field).
-fn header_list_size(req: &Request<Incoming>) -> usize {
-    let pseudo = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + req.method().as_str().len() + 96;
-    req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum::<usize>() + pseudo
-}
-
-/// Largest request body read and discarded after an early answer, and for how long.
-const DRAIN_MAX_BYTES: usize = 16 << 20;
-const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// After an early answer (401, 429, 400…) the client may still be sending its body. Reading
-/// and discarding it, bounded, lets the answer arrive: otherwise HTTP/2 resets the stream and
-/// HTTP/1.1 closes on unread data, and clients report a reset instead of the answer.
-fn drain_unread(body: Incoming) {
-    use http_body::Body as _;
-    use http_body_util::BodyExt as _;
-    if body.is_end_stream() {
-        return;
-    }
-    tokio::spawn(async move {
-        let mut body = body;
-        let mut seen = 0usize;
-        let deadline = tokio::time::sleep(DRAIN_MAX_TIME);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                frame = body.frame() => match frame {
-                    Some(Ok(f)) => {
-                        seen += f.data_ref().map_or(0, bytes::Bytes::len);
-                        if seen > DRAIN_MAX_BYTES {
-                            return;
-                        }
-                    }
-                    _ => return,
-                },
-                () = &mut deadline => return,
-            }
-        }
-    });
-}
-
-fn early(e: GateError, body: Incoming) -> (Response<GateBody>, Option<GateError>) {
-    drain_unread(body);
-    failed(e)
-}
-
-fn failed(e: GateError) -> (Response<GateBody>, Option<GateError>) {
-    (e.to_response(), Some(e))
-}
-
-/// Bounded method label: the standard methods by name, anything else as `OTHER`.
-fn method_label(m: &Method) -> &'static str {
-    match *m {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::CONNECT => "CONNECT",
-        Method::TRACE => "TRACE",
-        _ => "OTHER",
     }
 }

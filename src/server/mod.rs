@@ -205,17 +205,17 @@ pub async fn run_with_workers(
     }
     drain.cancel();
     connections.close();
-    gateway.tunnels.close();
+    gateway.tunnels().close();
     let drained = tokio::time::timeout_at(drain_deadline, async {
         connections.wait().await;
-        gateway.tunnels.wait().await;
+        gateway.tunnels().wait().await;
     })
     .await;
     match drained {
         Ok(()) => tracing::info!("drained; exiting"),
         Err(_) => tracing::warn!(
             open_connections = connections.len(),
-            open_tunnels = gateway.tunnels.len(),
+            open_tunnels = gateway.tunnels().len(),
             "shutdown_grace elapsed with connections still open; closing them"
         ),
     }
