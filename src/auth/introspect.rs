@@ -15,17 +15,13 @@ use tokio::sync::Semaphore;
 use super::breaker::{Admit, Breaker};
 use super::cache::Key;
 use crate::config::AuthSettings;
+use crate::http::headers::{
+    X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_ORIGINAL_METHOD, X_ORIGINAL_URI, X_REQUEST_ID,
+};
 use crate::request::context::RequestContext;
 
 /// Largest introspection answer read; a larger one is an error.
 const MAX_ANSWER_BYTES: usize = 256 * 1024;
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
-static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The credentials a request carries, as they will be forwarded, and their cache key.
 pub(crate) struct Credentials {
@@ -437,7 +433,7 @@ impl Introspector {
                 &self.metrics.retries,
             );
             let resp = sent.await.map_err(|e| {
-                let detail = error_chain(&e);
+                let detail = crate::http::error::error_chain(&e);
                 if e.is_connect() { Failure::Connect(detail) } else { Failure::Request(detail) }
             })?;
             let (parts, body) = resp.into_parts();
@@ -457,17 +453,6 @@ impl Introspector {
             other => Err(Failure::Status(other)),
         }
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

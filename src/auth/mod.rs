@@ -302,7 +302,7 @@ impl Authenticator {
                 inner.count(Verdict::Allow, source);
                 // One growth of the map at most for the identity and the forwarding headers
                 // added next (set_forwarding_headers' own reserve is then a no-op).
-                parts.headers.reserve(signed.headers.len() + crate::upstream::FORWARDING_HEADERS_ADDED);
+                parts.headers.reserve(signed.headers.len() + crate::http::forwarded::FORWARDING_HEADERS_ADDED);
                 for (name, value) in &signed.headers {
                     parts.headers.insert(name.clone(), value.clone());
                 }

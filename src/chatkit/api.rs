@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
 
 use crate::config::{ChatKitSettings, SecretSource};
+use crate::http::headers::X_REQUEST_ID;
 use crate::obs::metrics::Metrics;
 
 /// Largest API answer we read (a session object is about 1 KiB).
@@ -23,7 +24,6 @@ const DEFAULT_RETRY_AFTER: u64 = 5;
 const MAX_LOGGED_MESSAGE: usize = 300;
 
 const OPENAI_BETA: HeaderName = HeaderName::from_static("openai-beta");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A session the API created.
 #[derive(Clone)]
@@ -306,10 +306,11 @@ impl ApiClient {
         h.insert(AUTHORIZATION, auth.clone());
         h.insert(OPENAI_BETA, HeaderValue::from_static("chatkit_beta=v1"));
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        h.insert(X_REQUEST_ID, request_id.clone());
+        h.insert(&X_REQUEST_ID, request_id.clone());
         let started = Instant::now();
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| ApiError::Network(error_chain(&e)))?;
+            let resp =
+                self.client.request(req).await.map_err(|e| ApiError::Network(crate::http::error::error_chain(&e)))?;
             let (parts, body) = resp.into_parts();
             let answer = Limited::new(body, MAX_ANSWER)
                 .collect()
@@ -357,7 +358,7 @@ fn plain_http_remote_host(base: &str) -> Option<String> {
 }
 
 fn api_request_id(headers: &HeaderMap) -> Option<String> {
-    headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(128).collect())
+    headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(128).collect())
 }
 
 /// Classify a non-2xx answer; the API's message is kept for the log, sanitized.
@@ -434,18 +435,6 @@ fn sanitize(message: &str, key: &str) -> String {
         return cut;
     }
     m
-}
-
-/// An error and its causes on one line ("client error (Connect): tcp connect error: Connection refused").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -167,6 +167,18 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<G
     resp
 }
 
+/// An error and its causes on one line ("client error (Connect): tcp connect error: Connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

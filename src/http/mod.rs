@@ -3,5 +3,7 @@
 
 pub mod body;
 pub mod error;
+pub mod forwarded;
 pub mod h1;
+pub mod headers;
 pub mod path;

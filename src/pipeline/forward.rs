@@ -11,10 +11,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::http::body::GateBody;
 use crate::http::error::GateError;
+use crate::http::forwarded::{ForwardingHeaders, origin_form, set_forwarding_headers};
+use crate::http::headers::remove_hop_by_hop;
 use crate::request::hygiene;
 use crate::transport::conn::{Clock, ConnActivity};
 use crate::transport::tunnel;
-use crate::upstream::{self, Forwarded, Upstream};
+use crate::upstream::Upstream;
 
 /// The app behind the gate and the tunnels of upgraded connections.
 pub(crate) struct Forwarder {
@@ -33,13 +35,13 @@ impl Forwarder {
         &self,
         parts: &mut http::request::Parts,
         body: GateBody,
-        f: &Forwarded<'_>,
+        f: &ForwardingHeaders<'_>,
         asked: Option<HeaderValue>,
         conn: &Arc<ConnActivity>,
     ) -> Result<Response<GateBody>, GateError> {
         let client_upgrade = if asked.is_some() { parts.extensions.remove::<OnUpgrade>() } else { None };
-        upstream::set_forwarding_headers(&mut parts.headers, f);
-        parts.uri = upstream::origin_form(parts.uri.path_and_query());
+        set_forwarding_headers(&mut parts.headers, f);
+        parts.uri = origin_form(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
         let mut resp = self.upstream.send(parts, body).await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -67,11 +69,11 @@ impl Forwarder {
                 drop(conn);
             });
             let (mut parts, _) = resp.into_parts();
-            upstream::remove_hop_by_hop(&mut parts.headers, true);
+            remove_hop_by_hop(&mut parts.headers, true);
             return Ok(Response::from_parts(parts, GateBody::empty()));
         }
         let (mut parts, body) = resp.into_parts();
-        upstream::remove_hop_by_hop(&mut parts.headers, false);
+        remove_hop_by_hop(&mut parts.headers, false);
         Ok(Response::from_parts(parts, GateBody::from_app(body)))
     }
 }

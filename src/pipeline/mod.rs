@@ -23,12 +23,14 @@ use crate::obs::audit::Audit;
 use crate::request::context::RequestContext;
 use crate::transport::conn::{Clock, ConnActivity};
 
+use crate::http::forwarded::{self, ForwardingHeaders};
+use crate::http::headers::{X_FORWARDED_PROTO, X_REQUEST_ID};
 use crate::obs::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::request::hygiene::HeaderRules;
 use crate::request::routes::{RouteKind, RouteTable};
+use crate::upstream::Upstream;
 use crate::upstream::pool::take_parts;
-use crate::upstream::{self, Forwarded, Upstream, X_FORWARDED_PROTO, X_REQUEST_ID};
 
 mod admit;
 mod answer;
@@ -144,12 +146,12 @@ impl Gateway {
         self.metrics.http_in_flight.inc();
         conn.request_started(req.version());
 
-        let peer_trusted = upstream::peer_is_trusted(peer, &self.server.trusted_proxies);
+        let peer_trusted = forwarded::peer_is_trusted(peer, &self.server.trusted_proxies);
         let https = tls
             || (peer_trusted
                 && req.headers().get(&X_FORWARDED_PROTO).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")));
-        let request_id = upstream::request_id(req.headers());
-        let client_ip = upstream::client_ip(peer, req.headers(), &self.server.trusted_proxies);
+        let request_id = forwarded::request_id(req.headers());
+        let client_ip = forwarded::client_ip(peer, req.headers(), &self.server.trusted_proxies);
         let version = req.version();
         let mut observer =
             Observer::new(self.recorder.clone(), conn, req.method().clone(), request_id.clone(), client_ip, started);
@@ -232,7 +234,7 @@ impl Gateway {
             },
             None => None,
         };
-        let f = Forwarded {
+        let f = ForwardingHeaders {
             peer: conn.peer_value(peer),
             https: ctx.https,
             request_id: &ctx.request_id,

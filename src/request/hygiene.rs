@@ -6,7 +6,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 
 use crate::http::error::GateError;
-use crate::upstream;
+use crate::http::headers;
 
 /// The request URI with `path` in place of its own (query kept), in origin form.
 pub fn with_path(uri: &Uri, path: &str) -> Result<Uri, GateError> {
@@ -173,14 +173,14 @@ pub fn clean_request_headers(
     let mut cleaned = Cleaned::default();
     let mut connection_upgrade = false;
     let mut named: Vec<HeaderName> = Vec::new();
-    for token in upstream::connection_tokens(headers) {
+    for token in headers::connection_tokens(headers) {
         if token.eq_ignore_ascii_case("upgrade") {
             connection_upgrade = true;
         } else if let Ok(n) = HeaderName::from_bytes(token.as_bytes())
             && n != HOST
             && n != CONTENT_LENGTH
             // `Connection: keep-alive` and friends are removed below anyway: no list needed.
-            && !upstream::HOP_BY_HOP.contains(&n)
+            && !headers::HOP_BY_HOP.contains(&n)
         {
             named.push(n);
         }
@@ -195,7 +195,7 @@ pub fn clean_request_headers(
     }
     if peer_trusted {
         let mut chain = String::new();
-        for v in headers.get_all(&upstream::X_FORWARDED_FOR) {
+        for v in headers.get_all(&headers::X_FORWARDED_FOR) {
             if let Ok(s) = v.to_str() {
                 if !chain.is_empty() {
                     chain.push_str(", ");
@@ -207,7 +207,7 @@ pub fn clean_request_headers(
     }
     let prefix = rules.identity_prefix.as_bytes();
     // The hop-by-hop names present are noted on the same pass: only they are removed.
-    let mut hop = upstream::HopByHop::default();
+    let mut hop = headers::HopByHop::default();
     for name in headers.keys() {
         if hop.note(name) {
             continue;

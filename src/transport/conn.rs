@@ -79,7 +79,7 @@ impl ConnActivity {
 
     /// The peer's address as a header value (one connection has one peer).
     pub fn peer_value(&self, peer: SocketAddr) -> &HeaderValue {
-        self.peer_value.get_or_init(|| crate::upstream::peer_value(peer))
+        self.peer_value.get_or_init(|| crate::http::forwarded::peer_value(peer))
     }
 
     pub fn touch(&self, now_ms: u64) {
