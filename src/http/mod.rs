@@ -7,3 +7,4 @@ pub mod forwarded;
 pub mod h1;
 pub mod headers;
 pub mod path;
+pub mod upload;
