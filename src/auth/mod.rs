@@ -7,20 +7,26 @@
 mod breaker;
 mod cache;
 mod cookies;
+mod identity;
 mod introspect;
+mod login;
+
+pub use crate::auth::identity::MAX_IDENTITY_VALUE_BYTES;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ACCEPT, HeaderName};
-use http::{HeaderValue, Method, Request};
+use http::header::HeaderName;
+use http::{HeaderValue, Request};
 use http_body_util::Empty;
 use prometheus::IntCounter;
 
 use self::cache::{DecisionCache, Flight, Lookup, Store};
 use self::introspect::{Answer, CredentialRules, Credentials, Failure, Forwarded, IntrospectionMetrics, Introspector};
+use crate::auth::identity::{IdentityHeaders, header_value, sanitized, scalar_text};
+use crate::auth::login::{is_navigation, percent_encode, return_path};
 use crate::config::{AuthSettings, RouteAuth, Unauthenticated};
 use crate::http::error::GateError;
 use crate::obs::audit::{Audit, AuditEvent, AuditKind};
@@ -28,10 +34,6 @@ use crate::obs::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::request::context::{Identity, RequestContext};
 use crate::request::routes::{Route, RouteKind};
-
-/// Longest identity header value sent to the app, in bytes (longer values are cut at a character
-/// boundary); also the longest user id accepted.
-pub const MAX_IDENTITY_VALUE_BYTES: usize = 1024;
 
 /// Where `auth.login_url` wants the way back (`/api/auth/signin?callbackUrl={rd}`); without it
 /// the gate appends `rd=`.
@@ -114,15 +116,6 @@ impl Verdict {
             Verdict::Error => "error",
         }
     }
-}
-
-/// Header names of the identity sent to the app.
-struct IdentityHeaders {
-    user: HeaderName,
-    email: HeaderName,
-    name: HeaderName,
-    /// (claim name, JSON pointer, header name).
-    claims: Vec<(String, String, HeaderName)>,
 }
 
 struct Inner {
@@ -538,189 +531,14 @@ impl Inner {
     }
 }
 
-/// A browser navigation (`auto` redirects these): a GET/HEAD with `Sec-Fetch-Mode: navigate`,
-/// or, from browsers that send no `Sec-Fetch-Mode`, one that accepts `text/html`.
-fn is_navigation(parts: &http::request::Parts) -> bool {
-    if parts.method != Method::GET && parts.method != Method::HEAD {
-        return false;
-    }
-    if let Some(mode) = parts.headers.get("sec-fetch-mode") {
-        return mode.as_bytes().eq_ignore_ascii_case(b"navigate");
-    }
-    parts.headers.get_all(ACCEPT).iter().any(|v| v.as_bytes().windows(9).any(|w| w.eq_ignore_ascii_case(b"text/html")))
-}
-
-/// The `rd` target: the original path and query, only ever as a path on this site.
-fn return_path(path_and_query: &str) -> &str {
-    let pq = path_and_query;
-    if !pq.starts_with('/') || pq.starts_with("//") || pq.starts_with("/\\") || pq.len() > 2048 {
-        return "/";
-    }
-    pq
-}
-
-/// Percent-encode everything but RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// A JSON scalar as text (`null`, objects and arrays have none).
-fn scalar_text(v: &serde_json::Value) -> Option<String> {
-    match v {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        serde_json::Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-/// The documented rule for identity values sent to the app: control characters (CR, LF, TAB,
-/// NUL, DEL, C1) removed, surrounding whitespace trimmed, cut to [`MAX_IDENTITY_VALUE_BYTES`] at a
-/// character boundary, other UTF-8 kept as is; empty after that = not sent.
-fn sanitized(s: &str) -> Option<String> {
-    let mut out = String::with_capacity(s.len().min(MAX_IDENTITY_VALUE_BYTES));
-    for c in s.trim().chars().filter(|c| !c.is_control()) {
-        if out.len() + c.len_utf8() > MAX_IDENTITY_VALUE_BYTES {
-            break;
-        }
-        out.push(c);
-    }
-    let trimmed = out.trim_end();
-    if trimmed.is_empty() {
-        return None;
-    }
-    out.truncate(trimmed.len());
-    Some(out)
-}
-
-fn header_value(s: &str) -> Option<HeaderValue> {
-    sanitized(s).and_then(|s| HeaderValue::from_str(&s).ok())
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    fn config_errors(auth: &str) -> Vec<String> {
-        let text = format!(
-            "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n\
-             [auth]\nintrospection_url = \"http://127.0.0.1:3000/s\"\n{auth}\n"
-        );
-        match crate::config::Config::from_toml(&text) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn auth_config_rejects_credentials_the_gate_manages_itself() {
-        let errs =
-            config_errors("forward_headers = [\"authorization\", \"cookie\", \"Host\", \"x-auth-request-user\"]");
-        assert_eq!(errs.len(), 3, "{errs:?}");
-        assert!(errs[0].starts_with("auth.forward_headers[1]: cookies are forwarded by auth.cookies"), "{errs:?}");
-        assert!(errs[1].starts_with("auth.forward_headers[2]: host is never forwarded"), "{errs:?}");
-        assert!(errs[2].starts_with("auth.forward_headers[3]: headers starting with auth.header_prefix"), "{errs:?}");
-        for bad in ["//evil.example/login", "/login#x", "https://evil.example/login", "/\\\\evil"] {
-            let errs = config_errors(&format!("login_url = {bad:?}"));
-            assert!(errs.iter().any(|e| e.starts_with("auth.login_url:")), "{bad}: {errs:?}");
-        }
-        assert!(config_errors("login_url = \"/login?next=1\"\nrespect_cache_control = false").is_empty());
-        assert!(config_errors("respect_cache_control = \"no\"").iter().any(|e| e.contains("respect_cache_control")));
-    }
-
-    fn settings(auth: &str) -> crate::config::AuthSettings {
-        let text = format!(
-            "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n[auth]\n{auth}\n"
-        );
-        crate::config::Config::from_toml(&text).unwrap().auth.unwrap()
-    }
-
-    #[test]
-    fn presets_set_the_framework_defaults_and_explicit_keys_win() {
-        let a = settings("preset = \"nextauth\"");
-        assert_eq!(a.introspection_url, "http://127.0.0.1:3000/api/auth/session");
-        assert_eq!(a.cookies, ["__Secure-next-auth.session-token", "next-auth.session-token"]);
-        assert_eq!(a.login_url, "/api/auth/signin?callbackUrl={rd}");
-        assert!(!a.respect_cache_control, "NextAuth answers no-store");
-        assert_eq!((a.user_id.as_str(), a.user_email.as_deref()), ("/user/id", Some("/user/email")));
-        let a = settings("preset = \"authjs\"");
-        assert_eq!(a.cookies, ["__Secure-authjs.session-token", "authjs.session-token"]);
-        let a = settings("preset = \"django\"");
-        assert_eq!(a.introspection_url, "http://127.0.0.1:3000/auth/whoami/");
-        assert_eq!(
-            (a.cookies.as_slice(), a.login_url.as_str()),
-            (&["sessionid".to_string()][..], "/accounts/login/?next={rd}")
-        );
-        assert!(a.respect_cache_control);
-        let a = settings(
-            "preset = \"nextauth\"\nintrospection_url = \"http://127.0.0.1:4000/s\"\ncookies = []\nlogin_url = \"/login\"\nrespect_cache_control = true",
-        );
-        assert_eq!(
-            (a.introspection_url.to_string().as_str(), a.login_url.as_str()),
-            ("http://127.0.0.1:4000/s", "/login")
-        );
-        assert!(a.cookies.is_empty() && a.respect_cache_control);
-        let errs = config_errors("preset = \"rails\"");
-        assert!(errs.iter().any(|e| e.starts_with("auth.preset: must be nextauth, authjs or django")), "{errs:?}");
-    }
-
-    #[test]
-    fn login_url_takes_one_rd_placeholder_in_its_query() {
-        assert!(config_errors("login_url = \"/accounts/login/?next={rd}\"").is_empty());
-        for bad in ["/login/{rd}", "/login?a={rd}&b={rd}", "/login?next={next}", "/login?next={rd}}"] {
-            let errs = config_errors(&format!("login_url = {bad:?}"));
-            assert!(errs.iter().any(|e| e.starts_with("auth.login_url: the only placeholder")), "{bad}: {errs:?}");
-        }
-    }
-
     #[test]
     fn decision_counters_are_indexed_by_declaration_order() {
         assert!(DecisionSource::ALL.iter().enumerate().all(|(i, s)| *s as usize == i));
         assert!(Verdict::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
-    }
-
-    #[test]
-    fn identity_values_lose_control_characters_and_are_bounded() {
-        assert_eq!(sanitized("Ann\r\nX-Admin: yes").as_deref(), Some("AnnX-Admin: yes"));
-        assert_eq!(sanitized("  José\u{0} \u{85}").as_deref(), Some("José"));
-        assert_eq!(sanitized("\t\r\n"), None);
-        let long = "é".repeat(MAX_IDENTITY_VALUE_BYTES);
-        let cut = sanitized(&long).unwrap();
-        assert!(cut.len() <= MAX_IDENTITY_VALUE_BYTES && cut.len() > MAX_IDENTITY_VALUE_BYTES - 2);
-        assert!(header_value("Zoë").is_some(), "UTF-8 is accepted by HeaderValue");
-    }
-
-    #[test]
-    fn return_path_is_always_relative_and_encoded() {
-        assert_eq!(percent_encode(return_path("/original?q=1")), "%2Foriginal%3Fq%3D1");
-        assert_eq!(return_path("//evil.example/x"), "/");
-        assert_eq!(return_path("/\\evil.example"), "/");
-        assert_eq!(return_path("https://evil.example/"), "/");
-        assert_eq!(percent_encode("/a b/ü"), "%2Fa%20b%2F%C3%BC");
-    }
-
-    #[test]
-    fn navigation_is_get_or_head_by_fetch_mode_then_accept() {
-        let parts = |method: &str, headers: &[(&str, &str)]| {
-            let mut b = Request::builder().method(method).uri("/x");
-            for (n, v) in headers {
-                b = b.header(*n, *v);
-            }
-            b.body(()).unwrap().into_parts().0
-        };
-        assert!(is_navigation(&parts("GET", &[("sec-fetch-mode", "navigate")])));
-        assert!(is_navigation(&parts("HEAD", &[("accept", "text/html,application/xhtml+xml")])));
-        assert!(!is_navigation(&parts("GET", &[("sec-fetch-mode", "cors"), ("accept", "text/html")])));
-        assert!(!is_navigation(&parts("POST", &[("sec-fetch-mode", "navigate")])));
-        assert!(!is_navigation(&parts("GET", &[("accept", "application/json")])));
     }
 }

@@ -198,3 +198,80 @@ pub(super) fn validate_auth(raw: RawAuth, upstream: Option<&Uri>, e: &mut Errors
         introspection_rate_limit: raw.introspection_rate_limit,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    fn config_errors(auth: &str) -> Vec<String> {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n\
+             [auth]\nintrospection_url = \"http://127.0.0.1:3000/s\"\n{auth}\n"
+        );
+        match crate::config::Config::from_toml(&text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn auth_config_rejects_credentials_the_gate_manages_itself() {
+        let errs =
+            config_errors("forward_headers = [\"authorization\", \"cookie\", \"Host\", \"x-auth-request-user\"]");
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].starts_with("auth.forward_headers[1]: cookies are forwarded by auth.cookies"), "{errs:?}");
+        assert!(errs[1].starts_with("auth.forward_headers[2]: host is never forwarded"), "{errs:?}");
+        assert!(errs[2].starts_with("auth.forward_headers[3]: headers starting with auth.header_prefix"), "{errs:?}");
+        for bad in ["//evil.example/login", "/login#x", "https://evil.example/login", "/\\\\evil"] {
+            let errs = config_errors(&format!("login_url = {bad:?}"));
+            assert!(errs.iter().any(|e| e.starts_with("auth.login_url:")), "{bad}: {errs:?}");
+        }
+        assert!(config_errors("login_url = \"/login?next=1\"\nrespect_cache_control = false").is_empty());
+        assert!(config_errors("respect_cache_control = \"no\"").iter().any(|e| e.contains("respect_cache_control")));
+    }
+
+    fn settings(auth: &str) -> crate::config::AuthSettings {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8443\"\n[tls]\nself_signed = true\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n[auth]\n{auth}\n"
+        );
+        crate::config::Config::from_toml(&text).unwrap().auth.unwrap()
+    }
+
+    #[test]
+    fn presets_set_the_framework_defaults_and_explicit_keys_win() {
+        let a = settings("preset = \"nextauth\"");
+        assert_eq!(a.introspection_url, "http://127.0.0.1:3000/api/auth/session");
+        assert_eq!(a.cookies, ["__Secure-next-auth.session-token", "next-auth.session-token"]);
+        assert_eq!(a.login_url, "/api/auth/signin?callbackUrl={rd}");
+        assert!(!a.respect_cache_control, "NextAuth answers no-store");
+        assert_eq!((a.user_id.as_str(), a.user_email.as_deref()), ("/user/id", Some("/user/email")));
+        let a = settings("preset = \"authjs\"");
+        assert_eq!(a.cookies, ["__Secure-authjs.session-token", "authjs.session-token"]);
+        let a = settings("preset = \"django\"");
+        assert_eq!(a.introspection_url, "http://127.0.0.1:3000/auth/whoami/");
+        assert_eq!(
+            (a.cookies.as_slice(), a.login_url.as_str()),
+            (&["sessionid".to_string()][..], "/accounts/login/?next={rd}")
+        );
+        assert!(a.respect_cache_control);
+        let a = settings(
+            "preset = \"nextauth\"\nintrospection_url = \"http://127.0.0.1:4000/s\"\ncookies = []\nlogin_url = \"/login\"\nrespect_cache_control = true",
+        );
+        assert_eq!(
+            (a.introspection_url.to_string().as_str(), a.login_url.as_str()),
+            ("http://127.0.0.1:4000/s", "/login")
+        );
+        assert!(a.cookies.is_empty() && a.respect_cache_control);
+        let errs = config_errors("preset = \"rails\"");
+        assert!(errs.iter().any(|e| e.starts_with("auth.preset: must be nextauth, authjs or django")), "{errs:?}");
+    }
+
+    #[test]
+    fn login_url_takes_one_rd_placeholder_in_its_query() {
+        assert!(config_errors("login_url = \"/accounts/login/?next={rd}\"").is_empty());
+        for bad in ["/login/{rd}", "/login?a={rd}&b={rd}", "/login?next={next}", "/login?next={rd}}"] {
+            let errs = config_errors(&format!("login_url = {bad:?}"));
+            assert!(errs.iter().any(|e| e.starts_with("auth.login_url: the only placeholder")), "{bad}: {errs:?}");
+        }
+    }
+}
