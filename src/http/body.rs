@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Weak;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,7 +13,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
-use std::sync::Weak;
 
 pub use crate::http::h1::BoxError;
 pub use crate::http::upload::{UploadFailure, UploadState};

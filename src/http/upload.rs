@@ -1,15 +1,16 @@
 //! A client body on its way to the app, watched: whether it was sent whole, and why not
 //! (too slow, too large, reset), so the answer and the pool know what happened.
 
-use bytes::Bytes;
-use http_body::{Body, Frame};
-use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
 
 use crate::http::h1::BoxError;
 

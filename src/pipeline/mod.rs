@@ -19,16 +19,15 @@ use crate::chatkit_server::ChatKitServers;
 use crate::config::{Config, ServerSettings};
 use crate::http::body::GateBody;
 use crate::http::error::GateError;
-use crate::obs::audit::Audit;
-use crate::request::context::RequestContext;
-use crate::transport::conn::{Clock, ConnActivity};
-
 use crate::http::forwarded::{self, ForwardingHeaders};
 use crate::http::headers::{X_FORWARDED_PROTO, X_REQUEST_ID};
+use crate::obs::audit::Audit;
 use crate::obs::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
+use crate::request::context::RequestContext;
 use crate::request::hygiene::HeaderRules;
 use crate::request::routes::{RouteKind, RouteTable};
+use crate::transport::conn::{Clock, ConnActivity};
 use crate::upstream::Upstream;
 use crate::upstream::pool::take_parts;
 

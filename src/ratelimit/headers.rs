@@ -6,7 +6,6 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::http::error::GateError;
-
 use crate::ratelimit::policy::{Policy, Verdict, ceil_secs};
 
 /// `RateLimit-Policy` (IETF httpapi draft): the quota of each policy of the route.

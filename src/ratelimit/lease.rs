@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use crate::http::error::GateError;
-
 use crate::ratelimit::headers::RateLimitHeaders;
 use crate::ratelimit::local::LocalStore;
 use crate::ratelimit::policy::{Plan, Policy};

@@ -1,23 +1,25 @@
 //! Accepting connections: the accept loops (one per listener and worker) with the connection
 //! limit, the TLS handshake with its timeout, and serving one connection from accept to close.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use crate::server::conn_ctx::{ACCEPT_DEFER, ConnCtx};
 use crate::server::drive::drive;
 use crate::transport::client_io::ClientIo;
 use crate::transport::conn::ConnActivity;
 use crate::transport::workers::worker_index;
-use anyhow::Context as _;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use rustls::ServerConfig;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// A further accept loop on `listener`'s socket, run by the worker behind `handle`.
 pub(crate) fn accept_on(

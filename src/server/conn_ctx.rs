@@ -1,12 +1,14 @@
 //! What every connection of the gate shares ([`ConnCtx`]): the gateway, the HTTP servers, the
 //! timeouts, the drain signal, and the connections open on each worker (for fair accepting).
 
-use crate::pipeline::Gateway;
-use crate::server::protocols::Protocols;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+
 use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::Gateway;
+use crate::server::protocols::Protocols;
 
 /// Shared by every connection, whatever listener and worker accepted it.
 pub(crate) struct ConnCtx {

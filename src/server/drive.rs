@@ -1,15 +1,16 @@
 //! Driving one connection: header and idle timeouts, finishing it when the gate drains, and the
 //! log line for connections hyper ended with an error.
 
-use crate::server::conn_ctx::ConnCtx;
-use crate::server::protocols::Serving;
-use crate::transport::conn::ConnActivity;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
+
+use crate::server::conn_ctx::ConnCtx;
+use crate::server::protocols::Serving;
+use crate::transport::conn::ConnActivity;
 
 /// Run a connection until it ends, closing it when idle or too slow with a request head, and
 /// asking it to finish when the gate drains.

@@ -1,12 +1,14 @@
 //! The HTTP servers a connection can get (hyper's HTTP/1.1, HTTP/2 and auto builders) with
 //! the gate's sizes and timers, and the [`Serving`] view of a connection that `drive` runs.
 
-use crate::config::Config;
+use std::future::Future;
+use std::time::Duration;
+
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use std::future::Future;
-use std::time::Duration;
+
+use crate::config::Config;
 
 /// The HTTP servers a connection can get: on TLS, the one ALPN chose (no sniffing of the first
 /// bytes); on the plain listener, HTTP/1.1 or HTTP/2 with prior knowledge, told by the preface.

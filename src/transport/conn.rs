@@ -1,10 +1,11 @@
 //! One client connection's state shared with its requests ([`ConnActivity`]: in flight, idle
 //! since, header wait) and the monotonic millisecond [`Clock`] the timeouts are read from.
 
-use http::HeaderValue;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
+
+use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
 
 /// Per-connection activity, for the idle timeout: requests in flight (streams included) and
