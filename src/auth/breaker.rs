@@ -10,7 +10,7 @@ use prometheus::IntGauge;
 
 /// What [`Breaker::admit`] allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Admit {
+pub(crate) enum CallKind {
     /// Closed: a normal call.
     Call,
     /// Half-open: the one probe call.
@@ -48,15 +48,15 @@ impl Breaker {
     }
 
     /// May a call be made now? `None` = the breaker is open: fail fast.
-    pub fn admit(&self) -> Option<Admit> {
+    pub fn admit(&self) -> Option<CallKind> {
         if self.threshold == 0 || self.failures.load(Ordering::Acquire) < self.threshold {
-            return Some(Admit::Call);
+            return Some(CallKind::Call);
         }
         if self.now_ms() < self.open_until_ms.load(Ordering::Acquire) {
             return None;
         }
         // Cooled down: exactly one caller probes; the others keep failing fast meanwhile.
-        self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| Admit::Probe)
+        self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| CallKind::Probe)
     }
 
     /// An admitted probe that was not made after all (no verdict): the next caller probes.
@@ -65,13 +65,13 @@ impl Breaker {
     }
 
     /// The outcome of an admitted call.
-    pub fn record(&self, admit: Admit, ok: bool) {
+    pub fn record(&self, admit: CallKind, ok: bool) {
         if self.threshold == 0 {
             return;
         }
         if ok {
             let before = self.failures.swap(0, Ordering::AcqRel);
-            if admit == Admit::Probe {
+            if admit == CallKind::Probe {
                 self.probing.store(false, Ordering::Release);
             }
             if before >= self.threshold {
@@ -81,10 +81,10 @@ impl Breaker {
             return;
         }
         let failures = self.failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
-        if failures >= self.threshold && (admit == Admit::Probe || failures == self.threshold) {
+        if failures >= self.threshold && (admit == CallKind::Probe || failures == self.threshold) {
             self.open_until_ms.store(self.now_ms() + self.cooldown_ms, Ordering::Release);
             self.gauge.set(1);
-            if admit == Admit::Probe {
+            if admit == CallKind::Probe {
                 self.probing.store(false, Ordering::Release);
                 tracing::warn!(
                     cooldown_ms = self.cooldown_ms,
@@ -122,24 +122,24 @@ mod tests {
         assert_eq!(g.get(), 1);
         assert_eq!(b.admit(), None, "open: fail fast");
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(b.admit(), Some(Admit::Probe));
+        assert_eq!(b.admit(), Some(CallKind::Probe));
         assert_eq!(b.admit(), None, "only one probe at a time");
         b.release_probe();
-        assert_eq!(b.admit(), Some(Admit::Probe), "a probe not made leaves the breaker open for the next");
-        b.record(Admit::Probe, false);
+        assert_eq!(b.admit(), Some(CallKind::Probe), "a probe not made leaves the breaker open for the next");
+        b.record(CallKind::Probe, false);
         assert_eq!(b.admit(), None, "a failed probe reopens");
         std::thread::sleep(Duration::from_millis(40));
         let probe = b.admit().unwrap();
         b.record(probe, true);
-        assert_eq!((b.admit(), g.get()), (Some(Admit::Call), 0));
+        assert_eq!((b.admit(), g.get()), (Some(CallKind::Call), 0));
     }
 
     #[test]
     fn threshold_zero_never_opens() {
         let b = Breaker::new(0, Duration::from_secs(1), IntGauge::new("b", "test").unwrap());
         for _ in 0..100 {
-            b.record(Admit::Call, false);
+            b.record(CallKind::Call, false);
         }
-        assert_eq!(b.admit(), Some(Admit::Call));
+        assert_eq!(b.admit(), Some(CallKind::Call));
     }
 }

@@ -12,7 +12,7 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use super::breaker::{Admit, Breaker};
+use super::breaker::{Breaker, CallKind};
 use super::cache::Key;
 use crate::config::AuthSettings;
 use crate::http::headers::{
@@ -176,7 +176,7 @@ fn whole_cookie(headers: &HeaderMap) -> Option<CookieBytes<'_>> {
 }
 
 /// What the original request contributes to the introspection call besides credentials.
-pub(crate) struct Forwarded {
+pub(crate) struct OriginalRequest {
     pub method: HeaderValue,
     pub uri: Option<HeaderValue>,
     pub host: Option<HeaderValue>,
@@ -185,14 +185,14 @@ pub(crate) struct Forwarded {
     pub request_id: HeaderValue,
 }
 
-impl Forwarded {
-    pub fn of(parts: &http::request::Parts, ctx: &RequestContext) -> Forwarded {
+impl OriginalRequest {
+    pub fn of(parts: &http::request::Parts, ctx: &RequestContext) -> OriginalRequest {
         let host = parts
             .headers
             .get(HOST)
             .cloned()
             .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-        Forwarded {
+        OriginalRequest {
             method: HeaderValue::from_str(parts.method.as_str()).unwrap_or(HeaderValue::from_static("GET")),
             uri: parts.uri.path_and_query().and_then(|pq| HeaderValue::from_str(pq.as_str()).ok()),
             host,
@@ -367,7 +367,7 @@ impl Introspector {
     }
 
     /// The introspection request: a bodiless GET with only the credentials and the listed facts.
-    pub fn request(&self, creds: &Credentials, fwd: &Forwarded) -> Request<Empty<Bytes>> {
+    pub fn request(&self, creds: &Credentials, fwd: &OriginalRequest) -> Request<Empty<Bytes>> {
         let mut req = Request::new(Empty::new());
         *req.uri_mut() = self.url.clone();
         let h = req.headers_mut();
@@ -401,7 +401,7 @@ impl Introspector {
         };
         let Ok(_permit) = self.in_flight.try_acquire() else {
             self.metrics.rejected_in_flight.inc();
-            if admit == Admit::Probe {
+            if admit == CallKind::Probe {
                 // Not a verdict on the endpoint: let the next caller probe.
                 self.breaker.release_probe();
             }

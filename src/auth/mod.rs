@@ -24,7 +24,9 @@ use http_body_util::Empty;
 use prometheus::IntCounter;
 
 use self::cache::{DecisionCache, Flight, Lookup, Store};
-use self::introspect::{Answer, CredentialRules, Credentials, Failure, Forwarded, IntrospectionMetrics, Introspector};
+use self::introspect::{
+    Answer, CredentialRules, Credentials, Failure, IntrospectionMetrics, Introspector, OriginalRequest,
+};
 use crate::auth::identity::{IdentityHeaders, header_value, sanitized, scalar_text};
 use crate::auth::login::{is_navigation, percent_encode, return_path};
 use crate::config::{AuthSettings, RouteAuth, Unauthenticated};
@@ -337,7 +339,7 @@ impl Authenticator {
                 // refreshes the entry. A hung endpoint then costs this user nothing.
                 if let Some(flight) = lead {
                     let creds = found.into_owned();
-                    let req = inner.introspector.request(&creds, &Forwarded::of(parts, ctx));
+                    let req = inner.introspector.request(&creds, &OriginalRequest::of(parts, ctx));
                     tokio::spawn(self.inner.clone().introspect(flight, req, creds));
                 }
                 return Ok((Decision::SignedIn(signed), Vec::new(), DecisionSource::Stale));
@@ -356,7 +358,7 @@ impl Authenticator {
                     // Spawned: the call finishes (and feeds the cache and the other waiters) even
                     // when this request is abandoned by its client.
                     let creds = found.into_owned();
-                    let req = inner.introspector.request(&creds, &Forwarded::of(parts, ctx));
+                    let req = inner.introspector.request(&creds, &OriginalRequest::of(parts, ctx));
                     tokio::spawn(self.inner.clone().introspect(flight, req, creds));
                 }
                 rx

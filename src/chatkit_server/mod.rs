@@ -37,7 +37,7 @@ const MAX_AUDIT_ID: usize = 128;
 use owners::{FirstEvent, Owners};
 
 /// A request that passed every rule: forward `body` (the bytes as received) with its head.
-pub struct Admitted {
+pub struct Checked {
     pub body: GateBody,
     pub limits: Option<RateLimitHeaders>,
     /// For the response body: the stream lease and the thread-owner recorder, if any.
@@ -144,14 +144,14 @@ impl ChatKitServers {
         identity: Option<&Identity>,
         ctx: &RequestContext,
         limiter: Option<&RateLimiter>,
-    ) -> Result<Admitted, Refused> {
+    ) -> Result<Checked, Refused> {
         let route = &ctx.route;
         let Some(Some(server)) = self.routes.get(route.index) else {
             return Err(refused(GateError::Internal));
         };
         // CORS preflights carry no body and start no work: forwarded as they are.
         if parts.method == Method::OPTIONS {
-            return Ok(Admitted { body: GateBody::incoming(body), limits: None, guard: None });
+            return Ok(Checked { body: GateBody::incoming(body), limits: None, guard: None });
         }
         if parts.method != Method::POST {
             return Err(self.refuse(route, OTHER, identity, ctx, None, "method", GateError::MethodNotAllowed));
@@ -251,7 +251,7 @@ impl ChatKitServers {
         // What was parsed borrows the buffer; the buffer itself is what goes on.
         drop(params);
         let _ = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-        Ok(Admitted { body: GateBody::full(bytes), limits, guard })
+        Ok(Checked { body: GateBody::full(bytes), limits, guard })
     }
 
     #[expect(clippy::too_many_arguments, reason = "one call shape for every refusal")]

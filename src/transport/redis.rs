@@ -35,16 +35,16 @@ pub enum StoreError {
 }
 
 #[derive(Clone)]
-enum Conn {
+enum RedisConn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
-impl ConnectionLike for Conn {
+impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -55,21 +55,21 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
         }
     }
 }
 
 struct Inner {
-    conn: Mutex<Option<Conn>>,
+    conn: Mutex<Option<RedisConn>>,
     timeout: Duration,
     /// Consecutive failed calls; the breaker is open at `BREAKER_THRESHOLD` and above.
     failures: AtomicU32,
@@ -134,7 +134,7 @@ impl RedisStore {
 
     /// A connection to use, or why there is none. An open breaker answers at once: the
     /// background probe, not a request, finds out when Redis is back.
-    fn admit(&self) -> Result<Conn, StoreError> {
+    fn admit(&self) -> Result<RedisConn, StoreError> {
         if self.inner.breaker_open() {
             return Err(StoreError::CircuitOpen);
         }
@@ -205,7 +205,7 @@ fn refused_call(e: &redis::RedisError) -> bool {
 }
 
 impl Inner {
-    fn connection(&self) -> Option<Conn> {
+    fn connection(&self) -> Option<RedisConn> {
         self.conn.lock().ok().and_then(|c| c.clone())
     }
 
@@ -292,7 +292,7 @@ enum Connector {
 }
 
 impl Connector {
-    async fn connect(&self, timeout: Duration) -> redis::RedisResult<Conn> {
+    async fn connect(&self, timeout: Duration) -> redis::RedisResult<RedisConn> {
         match self {
             Connector::Single(client) => {
                 let config = ConnectionManagerConfig::new()
@@ -300,9 +300,9 @@ impl Connector {
                     .set_response_timeout(Some(timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500));
-                Ok(Conn::Single(client.get_connection_manager_with_config(config).await?))
+                Ok(RedisConn::Single(client.get_connection_manager_with_config(config).await?))
             }
-            Connector::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+            Connector::Cluster(client) => Ok(RedisConn::Cluster(client.get_async_connection().await?)),
         }
     }
 }
