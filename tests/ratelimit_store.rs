@@ -147,7 +147,7 @@ async fn sixth_request_in_the_window_is_limited_and_other_users_are_not() {
         assert_eq!(headers[RATELIMIT_POLICY], "\"chatkit\";q=5;w=60");
         assert_eq!(headers[RATELIMIT], format!("\"chatkit\";r=0;t={secs}").as_str());
         // The body's retryAfter is the same number: GateError renders both from one field.
-        let response = GateError::TooManyRequests { retry_after: secs, headers }.into_response();
+        let response = GateError::TooManyRequests { retry_after: secs, headers }.to_response();
         assert_eq!(response.headers()[http::header::RETRY_AFTER], secs.to_string().as_str());
 
         for _ in 0..5 {

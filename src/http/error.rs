@@ -113,10 +113,6 @@ impl GateError {
         }
     }
 
-    pub fn into_response(self) -> Response<GateBody> {
-        self.to_response()
-    }
-
     /// The answer for this error (the error itself is kept for the log line).
     pub fn to_response(&self) -> Response<GateBody> {
         let status = self.status();
@@ -186,7 +182,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     async fn body_of(e: GateError) -> (StatusCode, HeaderMap, String) {
-        let resp = e.into_response();
+        let resp = e.to_response();
         let (parts, body) = resp.into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
         (parts.status, parts.headers, String::from_utf8(bytes.to_vec()).unwrap())

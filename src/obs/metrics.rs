@@ -349,7 +349,4 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
 }

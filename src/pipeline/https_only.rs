@@ -18,10 +18,10 @@ pub fn plain_http_answer(
     server: &ServerSettings,
 ) -> Response<GateBody> {
     if method != Method::GET && method != Method::HEAD {
-        return GateError::HttpsRequired.into_response();
+        return GateError::HttpsRequired.to_response();
     }
     let Some(host) = redirect_host(uri, headers, &server.hosts) else {
-        return GateError::BadRequest("Host header required").into_response();
+        return GateError::BadRequest("Host header required").to_response();
     };
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let location = if server.https_port == 443 {
@@ -30,7 +30,7 @@ pub fn plain_http_answer(
         format!("https://{host}:{}{path}", server.https_port)
     };
     let Ok(location) = HeaderValue::from_str(&location) else {
-        return GateError::BadRequest("Invalid request").into_response();
+        return GateError::BadRequest("Invalid request").to_response();
     };
     let mut resp = Response::new(GateBody::empty());
     *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
