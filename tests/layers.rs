@@ -4,7 +4,8 @@
 //! re-exports: a child imports its siblings directly); `use super::*` appears only in
 //! `#[cfg(test)]` modules. Imports are read from the source text: `crate::`, `self::`, `super::`
 //! and child-module paths, in `use` items and in code, outside comments, literals and
-//! `#[cfg(test)] mod … { }` blocks. `layers_self_test` plants each violation in a synthetic tree.
+//! `#[cfg(test)] mod … { }` blocks. `APART` names entries of one layer that never import each
+//! other. `layers_self_test` plants each violation in a synthetic tree.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -25,9 +26,24 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("entry", &["cli", "lib", "main"]),
 ];
 
+/// Entries of one layer that never import the other (from, to): the HTTP and observability
+/// primitives know no settings, the transport never calls the app client, and the features stay
+/// independent of each other (each may use the rate limiter below them).
+const APART: &[(&str, &str)] = &[
+    ("http", "config"),
+    ("obs", "config"),
+    ("transport", "upstream"),
+    ("auth", "chatkit"),
+    ("auth", "chatkit_server"),
+    ("chatkit", "auth"),
+    ("chatkit", "chatkit_server"),
+    ("chatkit_server", "auth"),
+    ("chatkit_server", "chatkit"),
+];
+
 #[test]
 fn layers() {
-    let violations = check(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), LAYERS);
+    let violations = check(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), LAYERS, APART);
     let n = violations.len();
     assert!(n == 0, "{n} layering violation(s) (LAYERS: tests/layers.rs):\n{}", violations.join("\n"));
 }
@@ -44,22 +60,26 @@ struct Ref {
 }
 
 /// Every violation in the tree at `src`, one line each.
-fn check(src: &Path, layers: &[(&str, &[&str])]) -> Vec<String> {
+fn check(src: &Path, layers: &[(&str, &[&str])], apart: &[(&str, &str)]) -> Vec<String> {
     let (mut files, mut out, mut layer_of) = (Vec::new(), Vec::new(), BTreeMap::new());
+    let mut entry_of = BTreeMap::new();
     walk(src, "", &mut files);
     files.sort();
     for f in &files {
         let parts: Vec<&str> = f.trim_end_matches(".rs").split('/').collect();
-        let mut hits = Vec::new(); // (length of the matching entry, its layer)
+        let mut hits = Vec::new(); // (length of the matching entry, its layer, the entry)
         for (n, (_, entries)) in layers.iter().enumerate() {
-            let entries = entries.iter().map(|e| e.split('/').collect::<Vec<_>>());
-            hits.extend(entries.filter(|e| parts.starts_with(e)).map(|e| (e.len(), n)));
+            let entries = entries.iter().map(|e| (e.split('/').collect::<Vec<_>>(), *e));
+            hits.extend(entries.filter(|(e, _)| parts.starts_with(e)).map(|(e, name)| (e.len(), n, name)));
         }
         hits.sort();
         match hits[..] {
             [] => out.push(format!("src/{f}: matches no entry of LAYERS (add it to a layer)")),
-            [.., (a, _), (b, _)] if a == b => out.push(format!("src/{f}: matches two entries of LAYERS")),
-            [.., (_, n)] => _ = layer_of.insert(f.clone(), n),
+            [.., (a, _, _), (b, _, _)] if a == b => out.push(format!("src/{f}: matches two entries of LAYERS")),
+            [.., (_, n, name)] => {
+                layer_of.insert(f.clone(), n);
+                entry_of.insert(f.clone(), name);
+            }
         }
     }
     let (mut refs, mut test_only) = (BTreeMap::new(), BTreeSet::new());
@@ -88,6 +108,12 @@ fn check(src: &Path, layers: &[(&str, &[&str])]) -> Vec<String> {
         {
             let (from, up) = (layers[a].0, layers[b].0);
             out.push(format!("src/{f}:{line}: `{text}` imports src/{to} (layer {up}) upward from layer {from}"));
+        }
+        if let (Some(&a), Some(&b)) = (entry_of.get(f), entry_of.get(&to))
+            && apart.contains(&(a, b))
+            && reported.insert((f, line, to.clone()))
+        {
+            out.push(format!("src/{f}:{line}: `{text}` imports src/{to}: {a} never imports {b} (APART)"));
         }
     }
     // For each edge on a circle, the shortest circle through it: every edge worth cutting shows.
@@ -313,7 +339,7 @@ impl Drop for TempDir {
 #[test]
 fn layers_self_test() {
     const TEST_LAYERS: &[(&str, &[&str])] =
-        &[("foundation", &["config", "http"]), ("pipeline", &["pipeline"]), ("entry", &["lib"])];
+        &[("foundation", &["config", "http", "obs"]), ("pipeline", &["pipeline"]), ("entry", &["lib"])];
     // (e) None of the `crate::pipeline` in config.rs is an import: comments, literals, test code.
     const CONFIG: &str = r##"//! Docs mention [`crate::pipeline::Gateway`].
 /* a block /* nested */ crate::pipeline::Gateway */
@@ -342,7 +368,7 @@ mod tests {
             fs::create_dir_all(root.join(path).parent().unwrap()).unwrap();
             fs::write(root.join(path), text).unwrap();
         }
-        check(&root, TEST_LAYERS)
+        check(&root, TEST_LAYERS, &[("obs", "config")])
     };
     // (a) A clean tree passes.
     assert_eq!(run("clean", &[]), Vec::<String>::new());
@@ -372,4 +398,10 @@ mod tests {
     let glob = run("glob", &[("config.rs", "pub struct Config;\nmod inner {\n    use super::*;\n}\n")]);
     assert_eq!(glob, ["src/config.rs:3: `use super::*` outside a #[cfg(test)] module"]);
     assert_eq!(run("stray", &[("stray.rs", "")]), ["src/stray.rs: matches no entry of LAYERS (add it to a layer)"]);
+    // (f) Two entries of one layer kept apart: obs may import http, never config.
+    let apart = run("apart", &[("obs.rs", "use crate::http::body::GateBody;\nuse crate::config::Config;\n")]);
+    assert_eq!(
+        apart,
+        ["src/obs.rs:2: `crate::config::Config` imports src/config.rs: obs never imports config (APART)"]
+    );
 }

@@ -7,6 +7,7 @@
 mod breaker;
 mod cache;
 mod cookies;
+mod credentials;
 mod identity;
 mod introspect;
 mod login;
@@ -24,9 +25,8 @@ use http_body_util::Empty;
 use prometheus::IntCounter;
 
 use self::cache::{DecisionCache, Flight, Lookup, Store};
-use self::introspect::{
-    Answer, CredentialRules, Credentials, Failure, IntrospectionMetrics, Introspector, OriginalRequest,
-};
+use self::credentials::{CredentialRules, Credentials};
+use self::introspect::{Answer, Failure, IntrospectionMetrics, Introspector, OriginalRequest};
 use crate::auth::identity::{IdentityHeaders, header_value, sanitized, scalar_text};
 use crate::auth::login::{is_navigation, percent_encode, return_path};
 use crate::config::{AuthSettings, RouteAuth, Unauthenticated};

@@ -348,5 +348,4 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
-
 }
