@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::Semaphore;
 
-use super::breaker::{Breaker, CallKind};
+use crate::auth::breaker::{Breaker, CallKind};
 use crate::auth::credentials::Credentials;
 use crate::config::AuthSettings;
 use crate::http::headers::{

@@ -8,6 +8,7 @@ mod breaker;
 mod cache;
 mod cookies;
 mod credentials;
+mod decision;
 mod identity;
 mod introspect;
 mod login;
@@ -26,6 +27,7 @@ use prometheus::IntCounter;
 
 use self::cache::{DecisionCache, Flight, Lookup, Store};
 use self::credentials::{CredentialRules, Credentials};
+use self::decision::{CallResult, Decision, DecisionResult, DecisionSource, Signed};
 use self::introspect::{Answer, Failure, IntrospectionMetrics, Introspector, OriginalRequest};
 use crate::auth::identity::{IdentityHeaders, header_value, sanitized, scalar_text};
 use crate::auth::login::{is_navigation, percent_encode, return_path};
@@ -51,73 +53,6 @@ pub struct AuthResult {
     pub identity: Option<Arc<Identity>>,
     /// `Set-Cookie` values from the introspection answer, for the client.
     pub set_cookies: Vec<HeaderValue>,
-}
-
-/// A signed-in decision: the identity and its identity headers, built once per answer.
-#[derive(Debug)]
-struct Signed {
-    identity: Arc<Identity>,
-    headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-/// What is cached per credentials.
-#[derive(Debug, Clone)]
-enum Decision {
-    SignedIn(Arc<Signed>),
-    SignedOut,
-}
-
-/// What one introspection call produced, shared by every request that waited for it.
-#[derive(Debug, Clone)]
-enum CallResult {
-    /// The decision and the answer's `Set-Cookie` values (given to the requests that shared
-    /// this call, never replayed from the cache).
-    Decided(Decision, Arc<[HeaderValue]>),
-    Failed(Failure),
-}
-
-/// Where a decision came from: the `source` label of `chatkit_gate_auth_decisions_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DecisionSource {
-    Introspection,
-    Cache,
-    Stale,
-    /// No credentials at all: signed out without asking anyone.
-    None,
-}
-
-impl DecisionSource {
-    const ALL: [DecisionSource; 4] =
-        [DecisionSource::Introspection, DecisionSource::Cache, DecisionSource::Stale, DecisionSource::None];
-
-    fn label(self) -> &'static str {
-        match self {
-            DecisionSource::Introspection => "introspection",
-            DecisionSource::Cache => "cache",
-            DecisionSource::Stale => "stale",
-            DecisionSource::None => "none",
-        }
-    }
-}
-
-/// The `result` label of `chatkit_gate_auth_decisions_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    Allow,
-    Deny,
-    Error,
-}
-
-impl Verdict {
-    const ALL: [Verdict; 3] = [Verdict::Allow, Verdict::Deny, Verdict::Error];
-
-    fn label(self) -> &'static str {
-        match self {
-            Verdict::Allow => "allow",
-            Verdict::Deny => "deny",
-            Verdict::Error => "error",
-        }
-    }
 }
 
 struct Inner {
@@ -230,7 +165,7 @@ impl Authenticator {
             )),
             (Some(_), None) => anyhow::bail!("auth.introspection_rate_limit: needs a [rate_limit] section"),
         };
-        let decisions = Verdict::ALL
+        let decisions = DecisionResult::ALL
             .iter()
             .flat_map(|v| {
                 DecisionSource::ALL.map(|s| metrics.auth_decisions.with_label_values(&[v.label(), s.label()]))
@@ -283,7 +218,7 @@ impl Authenticator {
             Ok(decided) => decided,
             Err(Refusal::Limited(e)) => return Err(e),
             Err(Refusal::Failed(failure)) => {
-                inner.count(Verdict::Error, DecisionSource::Introspection);
+                inner.count(DecisionResult::Error, DecisionSource::Introspection);
                 inner.audit.log(
                     AuditEvent::new(AuditKind::AuthUnavailable, ctx.request_id(), ctx.client_ip)
                         .reason(failure.reason())
@@ -294,7 +229,7 @@ impl Authenticator {
         };
         match decision {
             Decision::SignedIn(signed) => {
-                inner.count(Verdict::Allow, source);
+                inner.count(DecisionResult::Allow, source);
                 // One growth of the map at most for the identity and the forwarding headers
                 // added next (set_forwarding_headers' own reserve is then a no-op).
                 parts.headers.reserve(signed.headers.len() + crate::http::forwarded::FORWARDING_HEADERS_ADDED);
@@ -304,7 +239,7 @@ impl Authenticator {
                 Ok(AuthResult { identity: Some(signed.identity.clone()), set_cookies })
             }
             Decision::SignedOut => {
-                inner.count(Verdict::Deny, source);
+                inner.count(DecisionResult::Deny, source);
                 if route.auth == RouteAuth::Optional {
                     return Ok(AuthResult::default());
                 }
@@ -381,7 +316,7 @@ impl Authenticator {
 }
 
 impl Inner {
-    fn count(&self, verdict: Verdict, source: DecisionSource) {
+    fn count(&self, verdict: DecisionResult, source: DecisionSource) {
         let i = verdict as usize * DecisionSource::ALL.len() + source as usize;
         if let Some(counter) = self.decisions.get(i) {
             counter.inc();
@@ -541,6 +476,6 @@ mod tests {
     #[test]
     fn decision_counters_are_indexed_by_declaration_order() {
         assert!(DecisionSource::ALL.iter().enumerate().all(|(i, s)| *s as usize == i));
-        assert!(Verdict::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
+        assert!(DecisionResult::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
     }
 }
