@@ -1,8 +1,9 @@
 //! Forward authentication: asks the introspection URL who a request's cookies belong to, caches
 //! the answer, hands the identity to the app in headers, and decides 401/302/503 otherwise.
 //!
-//! Owns: the introspection client ([`introspect`]), the decision cache ([`cache`]), identity
-//! headers to the app, and the answers for signed-out and unavailable cases.
+//! Owns: the introspection call (`introspect`, `credentials`, `breaker`, `cookies`), the
+//! decision cache (`cache`) and what a decision is (`decision`), the identity headers to the app
+//! (`identity`), and the answers for signed-out (`login`) and unavailable cases.
 
 mod breaker;
 mod cache;

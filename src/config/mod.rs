@@ -1,5 +1,7 @@
-//! The TOML configuration: the typed settings every module reads, and how a file becomes them
-//! (`raw` is the file as written, `validate` and `optional` turn it into settings).
+//! The TOML configuration: the typed settings every module reads (`settings`), and how a file
+//! becomes them: `raw` is the file as written; `validate` checks the core sections and `auth`,
+//! `rate_limit`, `chatkit` and `chatkit_server` one optional section each; `errors` names the key
+//! of every problem.
 //!
 //! Every problem is collected (not just the first) and names its key, so `chatkit-gate check`
 //! can print them all at once.

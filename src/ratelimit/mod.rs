@@ -1,6 +1,8 @@
 //! Rate limits: named policies per route, all of a request's policies checked in one store round
 //! trip (a Lua script on Redis, or the in-process store), a local deny cache, `on_store_error`,
-//! and the 429 answer with `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers.
+//! and the 429 answer with `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers
+//! (`headers`). [`RateLimiter`] lives here; `policy` holds the policies and subjects, `lease` what
+//! an admitted request holds, `local` and `remote` the two stores, `cache` the deny cache.
 //!
 //! Keys are `<key_prefix>:rl:{<subject>}:<policy>:<sw|gcra>`, the subject being `u:<user id>`
 //! (or `uh:<sha-256>` for ids that are long or hold braces), `ip:<IPv4>` or `ip:<IPv6 /64>`.

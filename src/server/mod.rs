@@ -1,5 +1,7 @@
-//! Listeners and connections: accept loops with a connection limit, TLS handshakes with a
-//! timeout, HTTP/1.1 + HTTP/2 serving with header and idle timeouts, and graceful shutdown.
+//! Listeners and connections: [`run`] starts the gateway on bound listeners and shuts it down
+//! gracefully; `accept` (accept loops with a connection limit, TLS handshakes with a timeout),
+//! `protocols` (HTTP/1.1 and HTTP/2 settings), `drive` (header and idle timeouts, drain) and
+//! `admin` (the admin port) do the rest.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! connection API; each kind has its own idle connections.
 //!
 //! A request takes the most recently used idle connection of its worker (see
-//! [`crate::server::Workers`]) that is ready, or opens one: a connection is driven by the worker
+//! [`crate::transport::workers::Workers`]) that is ready, or opens one: a connection is driven by the worker
 //! that opened it and used only by that worker's requests. The
 //! connection comes back when its answer's body has been read to the end (the body carries it,
 //! see [`crate::http::body::GateBody::from_app`]): no task per request, no channel hop, no hashing.
