@@ -29,18 +29,19 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Ip
         return peer_ip;
     }
     let mut leftmost = None;
-    let hops: Vec<IpAddr> = headers
+    // Right to left over every `X-Forwarded-For` field, without collecting the hops.
+    let hops = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
+        .rev()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| parse_hop(s.trim()))
-        .collect();
-    for ip in hops.iter().rev() {
-        if !is_trusted(*ip, trusted) {
-            return *ip;
+        .flat_map(|v| v.rsplit(','))
+        .filter_map(|s| parse_hop(s.trim()));
+    for ip in hops {
+        if !is_trusted(ip, trusted) {
+            return ip;
         }
-        leftmost = Some(*ip);
+        leftmost = Some(ip);
     }
     leftmost.unwrap_or(peer_ip)
 }
@@ -139,6 +140,15 @@ mod tests {
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
         let peer: SocketAddr = "10.0.0.2:5555".parse().unwrap();
         assert_eq!(client_ip(peer, &h, &nets(&["10.0.0.0/8"])), "198.51.100.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn every_hop_trusted_gives_the_leftmost() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.9.9.9, [::ffff:10.8.8.8]:443"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("junk, 10.1.1.1"));
+        let peer: SocketAddr = "10.0.0.2:5555".parse().unwrap();
+        assert_eq!(client_ip(peer, &h, &nets(&["10.0.0.0/8"])), "10.9.9.9".parse::<IpAddr>().unwrap());
     }
 
     #[test]

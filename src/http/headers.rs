@@ -12,7 +12,8 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The method and target of the request being authorized, on an introspection call.
 pub static X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
 pub static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// The legacy `Keep-Alive` header: hop-by-hop, and read for the app's idle timeout.
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the `Proxy-*` and legacy `Keep-Alive` ones): never
 /// forwarded in either direction (an allowed upgrade re-adds its own `Connection`/`Upgrade`).

@@ -45,7 +45,7 @@ pub fn rfc3339_millis(t: SystemTime) -> String {
 }
 
 /// `value` in decimal, zero-padded to `width` digits.
-pub fn push_padded(out: &mut Vec<u8>, value: u64, width: usize) {
+fn push_padded(out: &mut Vec<u8>, value: u64, width: usize) {
     let mut digits = itoa::Buffer::new();
     let text = digits.format(value);
     for _ in text.len()..width {

@@ -43,6 +43,30 @@ impl Recorder {
     }
 }
 
+/// Lives as long as a request and its response body: in-flight accounting, then, when the body
+/// ends, fails or is dropped, the access-log line and the request metrics (pingora's logging
+/// phase). Dropped before any response (the client left while the gate waited): status 499.
+pub(crate) struct Observer {
+    recorder: Arc<Recorder>,
+    pub(crate) conn: Arc<ConnActivity>,
+    /// `None`: the plain-HTTP answer (`https_redirect`).
+    pub(crate) route: Option<usize>,
+    method: Method,
+    /// `None` until there is a response.
+    pub(crate) status: Option<StatusCode>,
+    request_id: HeaderValue,
+    client_ip: std::net::IpAddr,
+    pub(crate) error: Option<GateError>,
+    started: Instant,
+    pub(crate) headers_at: Option<Instant>,
+    /// When the answer ended (its body finished, failed or was dropped).
+    ended: Option<Instant>,
+    pub(crate) streamed: bool,
+    done: bool,
+    /// Refused by admission (path, Host, method, header size): route label `rejected`.
+    pub(crate) rejected: bool,
+}
+
 impl Observer {
     /// Start observing a request that arrived at `started` (in flight from now on).
     pub(crate) fn new(
@@ -72,36 +96,8 @@ impl Observer {
     }
 }
 
-/// Lives as long as a request and its response body: in-flight accounting, then, when the body
-/// ends, fails or is dropped, the access-log line and the request metrics (pingora's logging
-/// phase). Dropped before any response (the client left while the gate waited): status 499.
-pub(crate) struct Observer {
-    recorder: Arc<Recorder>,
-    pub(crate) conn: Arc<ConnActivity>,
-    /// `None`: the plain-HTTP answer (`https_redirect`).
-    pub(crate) route: Option<usize>,
-    pub(crate) method: Method,
-    /// `None` until there is a response.
-    pub(crate) status: Option<StatusCode>,
-    pub(crate) request_id: HeaderValue,
-    pub(crate) client_ip: std::net::IpAddr,
-    pub(crate) error: Option<GateError>,
-    pub(crate) started: Instant,
-    pub(crate) headers_at: Option<Instant>,
-    /// When the answer ended (its body finished, failed or was dropped).
-    pub(crate) ended: Option<Instant>,
-    pub(crate) streamed: bool,
-    pub(crate) done: bool,
-    /// Refused by admission (path, Host, method, header size): route label `rejected`.
-    pub(crate) rejected: bool,
-}
-
 impl Observer {
-    fn route_name(&self) -> &str {
-        &self.recorder.route_metrics[self.route_slot()].name
-    }
-
-    /// The route's index in `Gateway::route_metrics`.
+    /// The route's index in [`Recorder`]'s per-route metrics.
     fn route_slot(&self) -> usize {
         let n = self.recorder.route_metrics.len() - 2;
         match self.route {
@@ -121,7 +117,6 @@ impl crate::http::body::BodyGuard for Observer {
         let now = Instant::now();
         self.ended = Some(now);
         let m = &self.recorder.metrics;
-        let route = self.route_name();
         let status = self.status.map_or(499, |s| s.as_u16());
         let elapsed = now.saturating_duration_since(self.started);
         let status_label = match &self.status {
@@ -129,6 +124,7 @@ impl crate::http::body::BodyGuard for Observer {
             None => "499",
         };
         let slot = &self.recorder.route_metrics[self.route_slot()];
+        let route = &*slot.name;
         slot.count(&m.http_requests, route, method_label(&self.method), status, status_label);
         slot.duration.observe(elapsed.as_secs_f64());
         let stream_ms = match (self.streamed, self.headers_at) {

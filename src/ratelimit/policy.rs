@@ -177,14 +177,15 @@ mod tests {
 
     #[test]
     fn policy_header_items_follow_the_draft_syntax() {
-        let sw = Policy::new(&PolicySettings {
+        let chatkit = PolicySettings {
             name: "chatkit".into(),
             algorithm: Algorithm::SlidingWindow,
             limit: 5,
             window: Duration::from_secs(60),
             burst: 5,
             key: LimitKey::User,
-        });
+        };
+        let sw = Policy::new(&chatkit);
         assert_eq!(sw.header_item, "\"chatkit\";q=5;w=60");
         assert_eq!(sw.algo, Algo::SlidingWindow { limit: 5, window_us: 60_000_000 });
         let gcra = Policy::new(&PolicySettings {
@@ -201,14 +202,7 @@ mod tests {
         assert_eq!(plan.policies, vec![1, 0]);
         assert_eq!(plan.policy_header, "\"api\";q=600;w=61, \"chatkit\";q=5;w=60");
         let item = rate_limit_item(
-            &Policy::new(&PolicySettings {
-                name: "chatkit".into(),
-                algorithm: Algorithm::SlidingWindow,
-                limit: 5,
-                window: Duration::from_secs(60),
-                burst: 5,
-                key: LimitKey::User,
-            }),
+            &Policy::new(&chatkit),
             &Verdict { allowed: true, remaining: 2, wait: Duration::from_millis(40_200) },
         );
         assert_eq!(item, "\"chatkit\";r=2;t=41");

@@ -4,17 +4,16 @@
 use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
-use http::{HeaderMap, HeaderName, Response};
+use http::{HeaderMap, Response};
 
 use crate::config::UpstreamSettings;
 use crate::http::body::{AppBody, GateBody, UploadFailure};
 use crate::http::error::GateError;
+use crate::http::headers::KEEP_ALIVE;
 use crate::obs::metrics::Metrics;
 use crate::upstream::pool::{AppPool, PoolOptions, SendError};
 
 pub mod pool;
-
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The app behind the gate: its connection pool and timeouts.
 pub struct Upstream {
